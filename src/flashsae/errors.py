@@ -1,0 +1,20 @@
+"""Errors a user can cause. Each carries one clear sentence; the CLI prints it and exits 2.
+
+Imports nothing from the package.
+"""
+
+
+class FlashSAEError(Exception):
+    """Base class for every error caused by user input (files, flags, data)."""
+
+
+class ConfigError(FlashSAEError, ValueError):
+    """An option or combination of options is invalid."""
+
+
+class DataError(FlashSAEError, ValueError):
+    """Input data is missing, malformed, non-finite or of the wrong shape."""
+
+
+class ArtifactError(FlashSAEError):
+    """A run directory or saved model is missing, corrupt or of an unknown format."""
