@@ -1,0 +1,15 @@
+"""flashsae: train sparse autoencoders fast on any numeric data.
+
+    model, result = flashsae.train("digits", arch="topk", k=8)
+    codes = model.encode(x); x_hat = model.decode(codes)
+    model = flashsae.load("runs/digits")
+"""
+__version__ = "0.1.0"
+
+from flashsae.errors import ArtifactError, ConfigError, DataError, FlashSAEError  # noqa: E402
+from flashsae.io import load  # noqa: E402
+from flashsae.models import ForwardOutput, SparseAutoencoder, SparseCodes, build, names  # noqa: E402
+from flashsae.train.run import TrainResult, train  # noqa: E402
+
+__all__ = ["train", "load", "build", "names", "SparseAutoencoder", "SparseCodes", "ForwardOutput", "TrainResult",
+           "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]

@@ -1,0 +1,3 @@
+from flashsae.cli import main
+
+raise SystemExit(main())

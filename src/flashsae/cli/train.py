@@ -1,0 +1,54 @@
+"""flashsae train: fit a sparse autoencoder and write a run directory."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "Train a sparse autoencoder on a file, a shard directory or a built-in data set."
+EPILOG = """examples:
+  flashsae train --out runs/digits                       # TopK SAE on the bundled digits
+  flashsae train data.npy --arch relu-l1 --l1 0.1 --latents 4096 --out runs/l1
+  flashsae train table.csv --arch topk --k 16 --encoder-hidden 128 --decoder-hidden 128 --out runs/deep
+  flashsae train synthetic --synthetic-rows 200000 --latents 1024 --k 4 --out runs/syn
+  flashsae train data.npy --out runs/big --checkpoint-every 1000   # later: add --resume
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from flashsae import models
+    from flashsae.cli.common import add_dataclass_flags
+    from flashsae.config import DataConfig, TrainConfig
+
+    p.add_argument("data", nargs="?", default=None,
+                   help="file, shard directory, or built-in name: digits (default) or synthetic")
+    p.add_argument("--out", required=True, help="run directory to write (built in OUT.partial, then renamed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.partial")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", dest="architecture", default=argparse.SUPPRESS, choices=models.names(),
+                   help="architecture (default: topk)")
+    seen: set[str] = {"d_in"}
+    add_dataclass_flags(g, models.ModelConfig, skip={"d_in"}, names={"d_sae": "latents"}, seen=seen)
+    for name in models.names():
+        add_dataclass_flags(g, models.get(name).config_cls, seen=seen)
+    add_dataclass_flags(p.add_argument_group("data"), DataConfig, skip={"data"})
+    add_dataclass_flags(p.add_argument_group("training"), TrainConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flashsae.cli.common import format_metrics, print_json
+    from flashsae.train.run import train
+
+    skip = {"data", "out", "overwrite", "resume", "quiet", "json", "command", "_module"}
+    options = {k: v for k, v in vars(args).items() if k not in skip}
+    _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
+                      quiet=args.quiet or args.json, **options)
+    if result.interrupted:
+        print(f"stopped at step {result.steps}; continue with: flashsae train ... --out {args.out} --resume")
+        return 0
+    if args.json:
+        print_json({"run_dir": str(result.run_dir), "metrics": result.metrics})
+    elif not args.quiet:
+        print(format_metrics(result.metrics))
+    return 0

@@ -1,0 +1,193 @@
+"""Run configuration: frozen dataclasses whose field docstrings double as CLI help.
+
+Model options live with each architecture (flashsae.models); this module holds the data and
+training options. Imports only flashsae.errors.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass
+
+from flashsae.errors import ConfigError
+
+STANDARDIZE_MODES = ("column", "global", "norm", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the rows come from and how they are prepared."""
+
+    data: str = "digits"
+    """Input: a .npy/.npz/.csv/.tsv/.safetensors file, a directory of .npy shards, or 'digits' / 'synthetic'."""
+
+    key: str | None = None
+    """Array name inside a .npz or .safetensors file."""
+
+    standardize: str = "column"
+    """Standardisation fitted on the training rows: column, global, norm (mean row norm to sqrt(d)) or none."""
+
+    drop_nonfinite: bool = False
+    """Skip rows containing NaN or Inf instead of failing."""
+
+    image_shape: tuple[int, int] | None = None
+    """Height and width of image rows, for the atom atlas (digits sets 8 8)."""
+
+    val_fraction: float = 0.1
+    """Fraction of rows held out for evaluation and early stopping (at most 50,000 rows)."""
+
+    synthetic_rows: int = 200_000
+    """synthetic: number of rows."""
+
+    synthetic_d: int = 64
+    """synthetic: row width."""
+
+    synthetic_atoms: int = 512
+    """synthetic: planted dictionary size."""
+
+    synthetic_active: int = 4
+    """synthetic: atoms active per row."""
+
+    synthetic_noise: float = 0.01
+    """synthetic: standard deviation of the added Gaussian noise."""
+
+    synthetic_seed: int = 0
+    """synthetic: seed of the generator."""
+
+    def __post_init__(self) -> None:
+        if self.standardize not in STANDARDIZE_MODES:
+            raise ConfigError(f"standardize must be one of {', '.join(STANDARDIZE_MODES)}, got {self.standardize!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("synthetic_rows", "synthetic_d", "synthetic_atoms", "synthetic_active"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.synthetic_active > self.synthetic_atoms:
+            raise ConfigError("synthetic_active must not exceed synthetic_atoms")
+        if self.image_shape is not None:
+            shape = tuple(int(v) for v in self.image_shape)
+            if len(shape) != 2 or min(shape) < 1:
+                raise ConfigError(f"image_shape must be two positive integers, got {self.image_shape}")
+            object.__setattr__(self, "image_shape", shape)
+
+    def synthetic_params(self) -> dict:
+        return {"rows": self.synthetic_rows, "d": self.synthetic_d, "atoms": self.synthetic_atoms,
+                "active": self.synthetic_active, "noise": self.synthetic_noise, "seed": self.synthetic_seed}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How the model is optimised."""
+
+    batch_size: int | None = None
+    """Rows per optimizer step; None picks 4096, or less so that an epoch has at least 8 steps."""
+
+    rows: int | None = None
+    """Training rows to process in total (over several epochs); None picks max(20 epochs, 2M rows) capped at 200 epochs."""
+
+    epochs: float | None = None
+    """Alternative to rows: number of passes over the training rows."""
+
+    lr: float | None = None
+    """Learning rate; None picks 2e-4 * sqrt(16384 / d_sae) for Adam (capped at 4e-3), 10x that for SGD."""
+
+    optimizer: str = "adam"
+    """adam or sgd (with momentum 0.9)."""
+
+    lr_warmup: float = 0.01
+    """Fraction of training spent ramping the learning rate up linearly from 0."""
+
+    lr_decay: str = "linear"
+    """Learning-rate decay over the last lr_decay_fraction of training: linear, cosine or none."""
+
+    lr_decay_fraction: float = 0.2
+    """Fraction of training (at the end) over which the learning rate decays to 0."""
+
+    sparsity_warmup: float = 0.05
+    """Fraction of training over which the sparsity coefficient ramps up linearly from 0."""
+
+    dead_after_rows: int | None = None
+    """A latent that has not fired for this many training rows counts as dead (AuxK); None: min(10M, rows / 10)."""
+
+    seed: int = 0
+    """Seed for initialisation and shuffling; CPU runs with the same seed are bit-identical."""
+
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+
+    dtype: str = "float32"
+    """Compute precision of the matrix products: float32 or bfloat16 (master weights stay float32)."""
+
+    threads: int | None = None
+    """CPU threads for PyTorch; None keeps PyTorch's default."""
+
+    eval_every: int | None = None
+    """Steps between held-out evaluations (also the early-stopping check); None picks about 20 per run."""
+
+    patience: int = 0
+    """Stop after this many held-out evaluations without improvement; 0 disables early stopping."""
+
+    log_every: int = 50
+    """Steps between log lines (the only place the trainer reads values back from the device)."""
+
+    checkpoint_every: int = 0
+    """Steps between checkpoints for --resume; 0 writes one only when interrupted."""
+
+    stop_after_steps: int | None = None
+    """Stop after this many steps as if interrupted, leaving a checkpoint for --resume (testing aid)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rows is not None and self.rows < 1:
+            raise ConfigError(f"rows must be >= 1, got {self.rows}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.rows is not None and self.epochs is not None:
+            raise ConfigError("give either rows or epochs, not both")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.lr_decay not in ("linear", "cosine", "none"):
+            raise ConfigError(f"lr_decay must be linear, cosine or none, got {self.lr_decay!r}")
+        for name in ("lr_warmup", "lr_decay_fraction", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("log_every", "patience", "checkpoint_every"):
+            if getattr(self, name) < 0 or (name == "log_every" and self.log_every < 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+def to_dict(cfg) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each dataclass field, by field name (for --help)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs

@@ -1,0 +1,181 @@
+"""Train/validation split and shuffled batches that stay friendly to memory-mapped files.
+
+Shuffling reads whole blocks of sorted row ids (near-sequential file access) and shuffles within
+a window of one block plus the rows left over from the previous block. The plan (which rows form
+which batch) is computed on row ids alone, so it is a pure function of (seed, epoch) and a resume
+can skip batches without reading their data. A background thread reads ahead.
+Imports only `errors`; never imports preprocess, models, trainer or cli.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from flashsae.errors import ConfigError
+
+
+def split_rows(n_rows: int, nonfinite_rows: np.ndarray, *, val_fraction: float, seed: int,
+               max_val_rows: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """Split the finite rows into sorted int64 (train_ids, val_ids).
+
+    The validation set is a seeded uniform random subset of round(val_fraction * n_finite)
+    rows, at most `max_val_rows`; val_fraction 0 gives an empty validation set.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    keep = np.ones(n_rows, dtype=bool)
+    keep[np.asarray(nonfinite_rows, dtype=np.int64)] = False
+    finite = np.flatnonzero(keep).astype(np.int64)
+    n_val = min(int(round(val_fraction * len(finite))), max_val_rows)
+    if n_val == 0:
+        return finite, np.zeros(0, np.int64)
+    picks = np.sort(np.random.default_rng(seed).choice(len(finite), size=n_val, replace=False))
+    return np.delete(finite, picks), finite[picks]
+
+
+def iter_chunks(source, row_ids: np.ndarray | None = None, chunk_rows: int = 65536) -> Iterator[np.ndarray]:
+    """Yield float32 chunks of at most `chunk_rows` rows, in order (all rows, or `row_ids`)."""
+    if chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if row_ids is None:
+        for start in range(0, source.n_rows, chunk_rows):
+            yield source.read(start, min(start + chunk_rows, source.n_rows))
+    else:
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        for start in range(0, len(row_ids), chunk_rows):
+            yield source.take(row_ids[start:start + chunk_rows])
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+class BatchIterator:
+    """Shuffled float32 (batch_size, d_in) batches over `row_ids` of a Source.
+
+    Args:
+        source: a `flashsae.data.Source`.
+        row_ids: int64 row indices to draw from (usually sorted train ids from `split_rows`).
+        batch_size: rows per batch.
+        seed: with the epoch number, fixes the whole batch sequence.
+        chunk_rows: ids per contiguous block read at once; the shuffle window is one block
+            plus leftovers, so larger is better mixed but uses more memory.
+        shuffle: False yields rows in `row_ids` order.
+        prefetch: batches read ahead by a background thread (0 reads in the caller's thread).
+        drop_last: drop the final partial batch of an epoch.
+    """
+
+    def __init__(self, source, row_ids: np.ndarray, batch_size: int, *, seed: int,
+                 chunk_rows: int = 262_144, shuffle: bool = True, prefetch: int = 2,
+                 drop_last: bool = True):
+        for name, value, low in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1),
+                                 ("prefetch", prefetch, 0)):
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        self.source = source
+        self.row_ids = np.asarray(row_ids, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.chunk_rows = chunk_rows
+        self.shuffle = shuffle
+        self.prefetch = prefetch
+        self.drop_last = drop_last
+        self._blocks = [self.row_ids[i:i + chunk_rows] for i in range(0, len(self.row_ids), chunk_rows)]
+
+    def batches_per_epoch(self) -> int:
+        n, b = len(self.row_ids), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
+        """Yield the batches of `epoch`, starting at batch index `start_batch` (for resuming).
+
+        Closing the generator early stops the reader thread; its errors are raised here.
+        """
+        if self.prefetch == 0:
+            yield from self._batches(epoch, start_batch)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for batch in self._batches(epoch, start_batch):
+                    if not put(batch):
+                        return
+                put(_DONE)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                put(_Failure(e))
+
+        thread = threading.Thread(target=work, name="flashsae-batches", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
+        """The batch sequence; the plan uses ids only, data is read only for batches yielded."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self._blocks)) if self.shuffle else range(len(self._blocks))
+        bs = self.batch_size
+        carry_ids = np.zeros(0, np.int64)
+        carry = None  # data of carry_ids, None when not yet read (after skipped blocks)
+        emitted = 0  # batch index of the next full batch
+        for b in order:
+            ids = self._blocks[b]
+            n_pool = len(carry_ids) + len(ids)
+            perm = rng.permutation(n_pool) if self.shuffle else np.arange(n_pool)
+            n_full = n_pool // bs
+            if emitted + n_full <= start_batch:  # every batch from this window is skipped
+                carry_ids = np.concatenate([carry_ids, ids])[perm[n_full * bs:]]
+                carry, emitted = None, emitted + n_full
+                continue
+            if carry is None:
+                carry = self.source.take(carry_ids)
+            block = self.source.take(ids)
+            for i in range(n_full):
+                if emitted + i >= start_batch:
+                    yield _gather(carry, block, perm[i * bs:(i + 1) * bs])
+            rest = perm[n_full * bs:]
+            carry_ids = np.concatenate([carry_ids, ids])[rest]
+            carry = _gather(carry, block, rest)
+            emitted += n_full
+            del block  # free the window before the next read
+        if not self.drop_last and len(carry_ids) and emitted >= start_batch:
+            yield carry if carry is not None else self.source.take(carry_ids)
+
+
+def _gather(carry: np.ndarray, block: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows `idx` of the virtual concatenation [carry; block], without building it."""
+    n_carry = len(carry)
+    out = np.empty((len(idx), block.shape[1]), dtype=np.float32)
+    from_carry = idx < n_carry
+    if from_carry.any():
+        out[from_carry] = carry[idx[from_carry]]
+        out[~from_carry] = block[idx[~from_carry] - n_carry]
+    else:
+        np.take(block, idx - n_carry, axis=0, out=out)
+    return out

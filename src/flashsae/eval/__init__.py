@@ -1,0 +1,1 @@
+"""Evaluation: pure metric functions (metrics.py) and streaming held-out evaluation (evaluate.py)."""

@@ -1,0 +1,45 @@
+"""Kernels of the sparse fast path.
+
+`reference` is the specification in plain PyTorch; faster implementations (Triton on GPU) share
+its signatures and are chosen per call by device, availability and the `FLASHSAE_KERNELS`
+environment variable (`reference` or `triton`). Nothing is printed at import.
+"""
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from flashsae.kernels import reference
+
+
+def _impl(device) -> str:
+    choice = os.environ.get("FLASHSAE_KERNELS", "").strip().lower()
+    if choice in ("reference", "triton"):
+        return choice
+    if getattr(device, "type", str(device)) == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "reference"
+        return "triton"
+    return "reference"
+
+
+def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
+                k_aux: int = 0, impl: str | None = None):
+    """Top-k ReLU encoder with a sparse backward; see `reference.topk_encode`."""
+    impl = impl or _impl(W_enc.device)
+    if impl == "triton":
+        from flashsae.kernels import triton_ops
+        return triton_ops.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux)
+    return reference.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, impl: str | None = None) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in); see `reference.sparse_decode`."""
+    impl = impl or _impl(W_dec.device)
+    if impl == "triton":
+        from flashsae.kernels import triton_ops
+        return triton_ops.sparse_decode(values, indices, W_dec)
+    return reference.sparse_decode(values, indices, W_dec)

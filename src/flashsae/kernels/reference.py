@@ -1,0 +1,86 @@
+"""Plain-PyTorch specification of the sparse fast path (also the CPU production path).
+
+Only the encoder product is dense. The decoder is a gather-sum of k rows per input and the
+weight gradients touch only the selected latents (Gao et al., 2024; OpenAI sparse_autoencoder).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _TopKEncode(torch.autograd.Function):
+    """pre = x_c W_enc^T + b_enc; values, indices = top-k of relu(pre) per row.
+
+    Backward is sparse: with g the (batch, k) gradient of the values (zero where relu clipped),
+    dW_enc[j] = sum over (t, i) with indices[t, i] == j of g[t, i] * x_c[t], db_enc likewise, and
+    dx_c[t] = sum_i g[t, i] * W_enc[indices[t, i]]. AuxK candidates (top-k_aux among dead latents)
+    are selected in the same forward and share this backward, so the auxiliary loss trains the
+    encoder too.
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, k, aux_mask, k_aux):
+        pre = torch.addmm(b_enc.to(x_c.dtype), x_c, W_enc.to(x_c.dtype).t())  # (batch, d_sae)
+        top, idx = pre.topk(k, dim=-1, sorted=False)
+        values = top.clamp_min(0)
+        if aux_mask is not None and k_aux > 0:
+            masked = pre.masked_fill_(~aux_mask, float("-inf"))  # pre is no longer needed
+            atop, aidx = masked.topk(k_aux, dim=-1, sorted=False)
+            aux_values = atop.clamp_min(0)
+        else:
+            aidx = idx.new_zeros((x_c.shape[0], 0))
+            aux_values = values.new_zeros((x_c.shape[0], 0))
+        ctx.save_for_backward(x_c, W_enc, idx, values, aidx, aux_values)
+        ctx.mark_non_differentiable(idx, aidx)
+        return values, idx, aux_values, aidx
+
+    @staticmethod
+    def backward(ctx, g_values, _g_idx, g_aux, _g_aidx):
+        x_c, W_enc, idx, values, aidx, aux_values = ctx.saved_tensors
+        g = torch.where(values > 0, g_values, 0)
+        if aidx.shape[1] > 0 and g_aux is not None:
+            g = torch.cat([g, torch.where(aux_values > 0, g_aux, 0)], dim=1)
+            idx = torch.cat([idx, aidx], dim=1)
+        flat_idx = idx.reshape(-1)
+        flat_g = g.reshape(-1).to(torch.float32)
+        d_sae = W_enc.shape[0]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W_enc.to(g.dtype), per_sample_weights=g, mode="sum").to(x_c.dtype)
+        if ctx.needs_input_grad[1]:
+            rows = x_c.to(torch.float32).repeat_interleave(idx.shape[1], dim=0)  # (batch*k, d_in)
+            grad_W = torch.zeros(W_enc.shape, dtype=torch.float32, device=W_enc.device)
+            grad_W.index_add_(0, flat_idx, rows.mul_(flat_g.unsqueeze(1)))
+            grad_W = grad_W.to(W_enc.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(d_sae, dtype=torch.float32, device=W_enc.device)
+            grad_b = grad_b.index_add_(0, flat_idx, flat_g).to(W_enc.dtype)
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
+                k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sparse top-k ReLU encoder.
+
+    Args:
+        x_c: (batch, d_in) centred input (x - b_dec).
+        W_enc: (d_sae, d_in); b_enc: (d_sae,).
+        k: latents kept per row.
+        aux_mask: optional (d_sae,) bool, latents eligible for the AuxK selection (the dead ones).
+        k_aux: AuxK latents per row (0 disables it).
+
+    Returns:
+        values (batch, k) >= 0, indices (batch, k) int64, aux_values (batch, k_aux), aux_indices.
+    """
+    if aux_mask is None:
+        k_aux = 0
+    return _TopKEncode.apply(x_c, W_enc, b_enc, k, aux_mask, k_aux)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec."""
+    if values.shape[1] == 0:
+        return values.new_zeros((values.shape[0], W_dec.shape[1]))
+    return F.embedding_bag(indices, W_dec.to(values.dtype), per_sample_weights=values, mode="sum")

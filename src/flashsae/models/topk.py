@@ -1,0 +1,114 @@
+"""TopK (Gao et al., 2024) and BatchTopK (Bussmann et al., 2024) sparse autoencoders.
+
+The one-layer TopK model runs the sparse fast path: only the encoder product is dense; codes stay
+(values, indices), the decoder is a gather-sum of k rows and the weight gradients touch only the
+selected latents (see flashsae.kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flashsae import kernels
+from flashsae.errors import ConfigError
+from flashsae.models.base import ForwardOutput, ModelConfig, SparseAutoencoder, SparseCodes
+from flashsae.models.registry import register
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopKConfig(ModelConfig):
+    k: int = 8
+    """Active latents per row."""
+
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (Gao et al., 2024, App. B.1); 0 disables it."""
+
+    k_aux: int | None = None
+    """Dead latents used by AuxK per row; None picks min(d_in // 2, d_sae)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.k > self.d_sae:
+            raise ConfigError(f"k ({self.k}) must not exceed the number of latents ({self.d_sae})")
+        if self.auxk_coef < 0:
+            raise ConfigError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
+            raise ConfigError(f"k_aux must be in [1, d_sae], got {self.k_aux}")
+
+    @property
+    def effective_k_aux(self) -> int:
+        return self.k_aux if self.k_aux is not None else max(1, min(self.d_in // 2, self.d_sae))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchTopKConfig(TopKConfig):
+    threshold_momentum: float = 0.01
+    """EMA rate of the inference threshold (mean of each batch's smallest kept activation)."""
+
+
+def _dense_aux(pre: Tensor, aux_mask: Tensor, k_aux: int) -> SparseCodes:
+    masked = pre.masked_fill(~aux_mask, float("-inf"))
+    top, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    return SparseCodes(torch.relu(top), idx)
+
+
+@register("topk")
+class TopKSAE(SparseAutoencoder):
+    """Keep the k largest ReLU pre-activations per row."""
+
+    config_cls = TopKConfig
+    sparse_codes = True
+
+    def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
+        cfg = self.cfg
+        k_aux = cfg.effective_k_aux if (aux_mask is not None and cfg.auxk_coef > 0) else 0
+        if not self.is_deep:
+            values, idx, aux_values, aux_idx = kernels.topk_encode(
+                x - self.b_dec, self.W_enc, self.b_enc, cfg.k, aux_mask=aux_mask, k_aux=k_aux)
+            codes = SparseCodes(values, idx)
+            aux_codes = SparseCodes(aux_values, aux_idx) if k_aux else None
+        else:
+            pre = self.pre_acts(x)
+            top, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+            codes = SparseCodes(torch.relu(top), idx)
+            aux_codes = _dense_aux(pre, aux_mask, k_aux) if k_aux else None
+        x_hat = self.decode_codes(codes)
+        aux = None
+        if aux_codes is not None:
+            aux = self.decode_codes(aux_codes) - self.b_dec
+        return ForwardOutput(x_hat, codes, x_hat.new_zeros(()), aux)
+
+
+@register("batchtopk")
+class BatchTopKSAE(SparseAutoencoder):
+    """Keep the k * batch largest activations over the whole batch; a global threshold at inference."""
+
+    config_cls = BatchTopKConfig
+
+    def __init__(self, cfg, standardizer=None):
+        super().__init__(cfg, standardizer)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
+        cfg = self.cfg
+        pre = self.pre_acts(x)
+        acts = torch.relu(pre)
+        if self.training:
+            flat = acts.flatten()
+            top, idx = flat.topk(cfg.k * x.shape[0], sorted=False)
+            codes = torch.zeros_like(flat).scatter(0, idx, top).view_as(acts)
+            with torch.no_grad():
+                kept_min = torch.where(top > 0, top, torch.full_like(top, float("inf"))).min()
+                kept_min = torch.where(torch.isfinite(kept_min), kept_min, self.threshold)
+                self.threshold.lerp_(kept_min, cfg.threshold_momentum)
+        else:
+            codes = acts * (acts > self.threshold)
+        aux = None
+        k_aux = cfg.effective_k_aux if (aux_mask is not None and cfg.auxk_coef > 0) else 0
+        if k_aux:
+            aux = self.decode_codes(_dense_aux(pre, aux_mask, k_aux)) - self.b_dec
+        return ForwardOutput(self.decode_dense(codes), codes, x.new_zeros(()), aux)

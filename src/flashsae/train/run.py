@@ -1,0 +1,380 @@
+"""The whole training job: data -> standardiser -> batches -> trainer -> evaluation -> run directory.
+
+`train()` is the one entry point behind the Python API, the CLI and the scikit-learn estimator.
+The loop is short: steps, a log line every `log_every` steps (the only device reads), held-out
+evaluation with early stopping, checkpoints, and interruption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashsae import io
+from flashsae.config import DataConfig, TrainConfig, to_dict
+from flashsae.data import BatchIterator, open_source, split_rows
+from flashsae.errors import ConfigError, DataError
+from flashsae.eval.evaluate import evaluate
+from flashsae.preprocess import Scan, Standardizer, scan
+from flashsae.train.options import make_model_config, split_options
+from flashsae.train.trainer import Trainer
+
+LOG_COLUMNS = ("step", "rows_seen", "loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr",
+               "val_fvu", "val_l0", "elapsed_s")
+
+
+@dataclass
+class TrainResult:
+    metrics: dict                 # held-out metrics of the final model
+    train_seconds: float          # wall time of the training loop (steps only, no setup or final eval)
+    rows_seen: int
+    steps: int
+    run_dir: Path | None
+    history: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_seen / max(self.train_seconds, 1e-9)
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal; a checkpoint was written."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False, quiet: bool = False,
+          progress: bool | None = None, **options):
+    """Train a sparse autoencoder.
+
+    Args:
+        data: array-like (rows, features), a path (.npy, .npz, .csv, .tsv, .safetensors, shard
+            directory) or a built-in name ('digits', 'synthetic'); None means 'digits'.
+        out: run directory to write (model, config, metrics, log, plots); None keeps it in memory.
+        overwrite: replace an existing `out`.
+        resume: continue from the checkpoint left in `<out>.partial`.
+        quiet: no progress bar or summary.
+        **options: fields of DataConfig, TrainConfig and the architecture's model config
+            (`architecture`/`arch`, `d_sae`/`latents`, `k`, `l1`, ...).
+
+    Returns:
+        (model, TrainResult)
+    """
+    show = (not quiet) if progress is None else progress
+    if out is None and resume:
+        raise ConfigError("resume needs an output directory")
+    work = io.prepare_out(out, overwrite=overwrite, resume=resume) if out is not None else None
+    saved = io.read_json(work / io.CONFIG_FILE) if resume else None
+    if saved is not None:
+        options = {**saved["data"], **saved["train"], **{k: v for k, v in saved["model"].items() if k != "d_in"},
+                   "architecture": saved["architecture"]}
+    if data is not None and not isinstance(data, (str, Path)):
+        options.setdefault("data", "<array>")
+    elif data is not None:
+        options["data"] = str(data)
+    architecture, data_opts, train_opts, model_opts = split_options(options)
+    data_cfg = DataConfig(**data_opts)
+    train_cfg = TrainConfig(**train_opts)
+    spec = data if data is not None and not isinstance(data, (str, Path)) else data_cfg.data
+    source = open_source(spec, key=data_cfg.key, image_shape=data_cfg.image_shape,
+                         synthetic=data_cfg.synthetic_params() if spec == "synthetic" else None)
+    if saved is not None and source.d_in != saved["model"]["d_in"]:
+        raise DataError(f"{source.name} has {source.d_in} columns but the checkpoint was trained on {saved['model']['d_in']}")
+    model_cfg = make_model_config(architecture, model_opts, source.d_in)
+    device = resolve_device(train_cfg.device)
+    if train_cfg.threads is not None:
+        torch.set_num_threads(train_cfg.threads)
+    torch.manual_seed(train_cfg.seed)
+
+    # One streaming pass: statistics and non-finite rows.
+    stats = scan(source, progress=show)
+    if len(stats.nonfinite_rows) and not data_cfg.drop_nonfinite:
+        raise DataError(f"{source.name}: {len(stats.nonfinite_rows)} of {source.n_rows} rows contain NaN or Inf "
+                        f"(first at row {int(stats.nonfinite_rows[0])}); pass --drop-nonfinite to skip them")
+    train_ids, val_ids = split_rows(source.n_rows, stats.nonfinite_rows, val_fraction=data_cfg.val_fraction,
+                                    seed=train_cfg.seed)
+    if len(train_ids) == 0:
+        raise DataError(f"{source.name} has no usable rows")
+    batch_size = train_cfg.batch_size or _auto_batch(len(train_ids))
+    if batch_size > len(train_ids):
+        raise DataError(f"{source.name} has {len(train_ids)} training rows, fewer than one batch of {batch_size}")
+    standardizer = Standardizer.from_scan(_exclude_rows(stats, source, val_ids), data_cfg.standardize)
+
+    from flashsae import models
+
+    model = models.get(architecture)(model_cfg, standardizer).to(device)
+    total_rows = _total_rows(train_cfg, len(train_ids))
+    total_steps = max(1, total_rows // batch_size)
+    dead_after = train_cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
+    trainer = Trainer(model, train_cfg, total_steps=total_steps, dead_after_rows=dead_after)
+    batches = BatchIterator(source, train_ids, batch_size, seed=train_cfg.seed)
+    per_epoch = batches.batches_per_epoch()
+    eval_every = train_cfg.eval_every or max(1, total_steps // 20)
+    eval_ids = val_ids[:8192] if len(val_ids) else train_ids[:8192]
+
+    run_config = {
+        "format_version": io.FORMAT_VERSION,
+        "library": "flashsae",
+        "library_version": _version(),
+        "architecture": architecture,
+        "model": model_cfg.to_dict(),
+        "train": to_dict(train_cfg),
+        "data": to_dict(data_cfg),
+        "preprocess": {"mode": standardizer.mode},
+        "data_stats": {"source": source.name, "n_rows": source.n_rows, "d_in": source.d_in,
+                       "n_train": int(len(train_ids)), "n_val": int(len(val_ids)),
+                       "nonfinite_dropped": int(len(stats.nonfinite_rows)),
+                       "image_shape": list(source.image_shape) if source.image_shape else None,
+                       "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean())},
+        "resolved": {"batch_size": batch_size, "total_steps": total_steps, "lr": trainer.base_lr,
+                     "dead_after_rows": dead_after, "device": str(device)},
+    }
+
+    state = {"step": 0, "rows_seen": 0, "history": [], "best": math.inf, "since_best": 0, "elapsed": 0.0}
+    if resume:
+        state = _load_checkpoint(work, model, trainer)
+    else:
+        _init_b_dec(model, source, train_ids, train_cfg.seed)
+        if work is not None:
+            io.write_json(work / io.CONFIG_FILE, run_config)
+
+    interrupted = _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every,
+                              train_cfg, work, show)
+    model.eval()
+    metrics = dict(evaluate(model, source, val_ids if len(val_ids) else train_ids[:50_000], progress=show))
+    metrics.update(rows_seen=state["rows_seen"], steps=state["step"], train_seconds=round(state["elapsed"], 3),
+                   rows_per_s=round(state["rows_seen"] / max(state["elapsed"], 1e-9), 1),
+                   evaluated_on="held-out" if len(val_ids) else "training rows")
+    result = TrainResult(metrics, state["elapsed"], state["rows_seen"], state["step"], None, state["history"],
+                         interrupted)
+    if work is not None and not interrupted:
+        result.run_dir = _write_run(work, out, model, run_config, metrics, state["history"], source)
+    elif work is not None:
+        result.run_dir = work
+    if show and not interrupted:
+        _summary(metrics, result.run_dir)
+    return model, result
+
+
+def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every, cfg, work, show):
+    model = trainer.model
+    device = model.W_dec.device
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+    acc = None
+    n_acc = 0
+    stop = {"signal": None}
+    old_handlers = _install_signal_handlers(stop)
+    t0 = time.perf_counter() - state["elapsed"]
+    interrupted = False
+    trainer.refresh_aux()
+    try:
+        while state["step"] < total_steps:
+            epoch, start = divmod(state["step"], per_epoch)
+            for batch in batches.epoch(epoch, start_batch=start):
+                x = model.standardizer(torch.from_numpy(batch).to(device, non_blocking=True))
+                m = trainer.step(x)
+                acc = torch.stack(m) if acc is None else acc + torch.stack(m)
+                n_acc += 1
+                state["step"] += 1
+                state["rows_seen"] += batch.shape[0]
+                step = state["step"]
+                done = step >= total_steps
+                if step % cfg.log_every == 0 or done or step % eval_every == 0:
+                    row = _log_row(trainer, acc / n_acc, state, t0)
+                    acc, n_acc = None, 0
+                    trainer.refresh_aux()
+                    if step % eval_every == 0 or done:
+                        v = evaluate(model, source, eval_ids)
+                        model.train()
+                        row["val_fvu"], row["val_l0"] = v["fvu_standardized"], v["l0"]
+                        if v["fvu_standardized"] < state["best"] * (1 - 1e-3):
+                            state["best"], state["since_best"] = v["fvu_standardized"], 0
+                        else:
+                            state["since_best"] += 1
+                    state["history"].append(row)
+                    if bar is not None:
+                        bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", refresh=False)
+                    if work is not None:
+                        _write_log(work / io.LOG_FILE, state["history"])
+                if bar is not None:
+                    bar.update(1)
+                if work is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
+                    state["elapsed"] = time.perf_counter() - t0
+                    _save_checkpoint(work, model, trainer, state)
+                if cfg.patience and state["since_best"] >= cfg.patience:
+                    total_steps = step  # early stop
+                if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and not done:
+                    stop["signal"] = "stop_after_steps"
+                if stop["signal"] is not None:
+                    raise Interrupted(stop["signal"])
+                if step >= total_steps:
+                    break
+    except (Interrupted, KeyboardInterrupt):
+        interrupted = True
+        state["elapsed"] = time.perf_counter() - t0
+        if work is not None:
+            _save_checkpoint(work, model, trainer, state)
+        if stop["signal"] != "stop_after_steps":
+            raise Interrupted(f"training interrupted at step {state['step']}; resume with --resume") from None
+    finally:
+        _restore_signal_handlers(old_handlers)
+        if bar is not None:
+            bar.close()
+    if not interrupted:
+        state["elapsed"] = time.perf_counter() - t0
+    return interrupted
+
+
+def _log_row(trainer, means, state, t0) -> dict:
+    loss, mse, var, l0, aux = means.tolist()  # the one device read per log interval
+    dead = float(trainer.dead_mask().float().mean())
+    return {"step": state["step"], "rows_seen": state["rows_seen"], "loss": loss, "mse": mse,
+            "fvu": mse / max(var, 1e-12), "l0": l0, "aux_loss": aux, "dead_fraction": dead,
+            "lr": trainer.optimizer.param_groups[0]["lr"], "val_fvu": "", "val_l0": "",
+            "elapsed_s": round(time.perf_counter() - t0, 3)}
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    lines = [",".join(LOG_COLUMNS)]
+    for row in history:
+        lines.append(",".join(_fmt(row.get(c, "")) for c in LOG_COLUMNS))
+    with io._atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _install_signal_handlers(stop: dict):
+    def handler(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return {}
+    return old
+
+
+def _restore_signal_handlers(old: dict) -> None:
+    for sig, h in old.items():
+        signal.signal(sig, h)
+
+
+def _save_checkpoint(work: Path, model, trainer, state: dict) -> None:
+    ckpt = work / io.CHECKPOINT_DIR
+    ckpt.mkdir(exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(trainer.state_tensors())
+    tensors["rng.torch"] = torch.get_rng_state()
+    # Tensors first, then the JSON that points at them: a crash between the two leaves the previous
+    # JSON, whose step no longer matches, so the pair is written under a step-stamped name.
+    name = f"state-{state['step']}.safetensors"
+    io.write_tensors(ckpt / name, tensors)
+    io.write_json(ckpt / io.CHECKPOINT_STATE, {**state, "tensors": name})
+    for old in ckpt.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(work: Path, model, trainer) -> dict:
+    ckpt = work / io.CHECKPOINT_DIR
+    state = io.read_json(ckpt / io.CHECKPOINT_STATE)
+    tensors = io.read_tensors(ckpt / state.pop("tensors"))
+    io.load_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt)
+    trainer.load_state_tensors(tensors, state["step"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
+
+
+def _write_run(work: Path, out, model, run_config, metrics, history, source) -> Path:
+    io.save_model(work, model, run_config)
+    io.write_json(work / io.METRICS_FILE, metrics)
+    _write_log(work / io.LOG_FILE, history)
+    from flashsae.viz import plots
+
+    plots.training_curves(history, work / io.CURVES_FILE)
+    if source.image_shape is not None:
+        plots.atom_atlas(model.atoms().cpu().numpy(), tuple(source.image_shape), work / io.ATLAS_FILE)
+    return io.finalize(work, out)
+
+
+def _summary(metrics: dict, run_dir) -> None:
+    parts = [f"FVU {metrics['fvu']:.4f}", f"L0 {metrics['l0']:.2f}", f"dead {100 * metrics['dead_fraction']:.1f}%"]
+    if "recovery" in metrics:
+        parts.append(f"recovery {metrics['recovery']:.3f}")
+    parts.append(f"{metrics['rows_per_s']:,.0f} rows/s")
+    print(f"{metrics['evaluated_on']}: " + ", ".join(parts) + (f" -> {run_dir}" if run_dir else ""))
+
+
+def _auto_batch(n_train: int) -> int:
+    b = 4096
+    while b > 16 and b * 8 > n_train:
+        b //= 2
+    return b
+
+
+def _total_rows(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.rows is not None:
+        return cfg.rows
+    if cfg.epochs is not None:
+        return int(cfg.epochs * n_train)
+    return min(max(20 * n_train, 2_000_000), 200 * n_train)
+
+
+def _exclude_rows(stats: Scan, source, val_ids: np.ndarray) -> Scan:
+    """Statistics of the training rows: remove the held-out rows' contribution from the full scan."""
+    if len(val_ids) == 0:
+        return stats
+    v = source.take(val_ids).astype(np.float64)
+    n_all = source.n_rows - len(stats.nonfinite_rows)
+    n_v = v.shape[0]
+    n_t = n_all - n_v
+    sum_all, sq_all = stats.mean * n_all, (stats.var + stats.mean**2) * n_all
+    mean = (sum_all - v.sum(0)) / n_t
+    var = np.maximum((sq_all - (v**2).sum(0)) / n_t - mean**2, 0.0)
+    msn = (stats.mean_sq_norm * n_all - (v**2).sum()) / n_t
+    return dataclasses.replace(stats, n_rows=n_t, mean=mean, var=var, mean_sq_norm=float(msn))
+
+
+@torch.no_grad()
+def _init_b_dec(model, source, train_ids: np.ndarray, seed: int, n_sample: int = 4096, iters: int = 30) -> None:
+    """b_dec = geometric median of a sample of standardised rows (Weiszfeld's algorithm)."""
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(train_ids, size=min(n_sample, len(train_ids)), replace=False))
+    x = model.standardizer(torch.from_numpy(source.take(ids)).to(model.W_dec.device))
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-6)
+        m = (w[:, None] * x).sum(0) / w.sum()
+    model.b_dec.copy_(m)
+
+
+def _version() -> str:
+    from flashsae import __version__
+
+    return __version__

@@ -1,0 +1,118 @@
+"""One optimizer step, with no host synchronisation, and the state a checkpoint needs."""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from flashsae.config import TrainConfig
+from flashsae.models.base import SparseAutoencoder, SparseCodes
+from flashsae.train.optim import default_lr, lr_factor, make_optimizer, sparsity_factor
+
+
+class StepMetrics(NamedTuple):
+    loss: Tensor      # total loss, scalar
+    mse: Tensor       # mean over rows of ||x - x_hat||^2 (standardised units)
+    var: Tensor       # mean over rows of ||x - mean(x)||^2 of the batch (for FVU)
+    l0: Tensor        # mean active latents per row
+    aux: Tensor       # AuxK loss (0 when off)
+
+
+class Trainer:
+    """Owns the model's optimizer, schedules and dead-latent counters.
+
+    `step(x)` takes a standardised batch already on the device and returns device tensors; reading
+    them (and deciding whether AuxK is needed) is left to the caller every `log_every` steps.
+    """
+
+    def __init__(self, model: SparseAutoencoder, cfg: TrainConfig, *, total_steps: int, dead_after_rows: int):
+        self.model = model
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.dead_after_rows = dead_after_rows
+        device = model.W_dec.device
+        self.base_lr = default_lr(cfg, model.d_sae)
+        self.optimizer = make_optimizer(model.parameters(), cfg, self.base_lr, device)
+        self.step_idx = 0
+        self.rows_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=device)
+        self.use_aux = False
+        self.auxk_coef = float(getattr(model.cfg, "auxk_coef", 0.0))
+        if cfg.dtype == "bfloat16":
+            self._autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        else:
+            self._autocast = contextlib.nullcontext
+
+    def dead_mask(self) -> Tensor:
+        return self.rows_since_fired >= self.dead_after_rows
+
+    def refresh_aux(self) -> None:
+        """Host-side decision (one sync) whether AuxK runs until the next refresh."""
+        self.use_aux = self.auxk_coef > 0 and bool(self.dead_mask().any())
+
+    def step(self, x: Tensor) -> StepMetrics:
+        model, opt = self.model, self.optimizer
+        lr = self.base_lr * lr_factor(self.step_idx, self.total_steps, self.cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        aux_mask = self.dead_mask() if self.use_aux else None
+        with self._autocast():
+            out = model(x, aux_mask=aux_mask)
+        x_hat = out.x_hat.float()
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        loss = mse + sparsity_factor(self.step_idx, self.total_steps, self.cfg) * out.penalty.float()
+        aux_loss = mse.new_zeros(())
+        if out.aux is not None:
+            # AuxK: dead latents reconstruct the residual, normalised by its variance (Gao et al., 2024, App. B.1).
+            resid = (x - x_hat).detach()
+            resid_var = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+            aux_loss = self.auxk_coef * (out.aux.float() - resid).pow(2).sum(-1).mean() / resid_var
+            loss = loss + aux_loss
+        loss.backward()
+        model.constrain_decoder_grad()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.constrain_decoder()
+        self._update_fired(out.codes, x.shape[0])
+        self.step_idx += 1
+        with torch.no_grad():
+            var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        return StepMetrics(loss.detach(), mse.detach(), var, _l0(out.codes), aux_loss.detach())
+
+    @torch.no_grad()
+    def _update_fired(self, codes, n_rows: int) -> None:
+        if isinstance(codes, SparseCodes):
+            hits = torch.zeros(self.model.d_sae, device=codes.values.device)
+            hits.index_add_(0, codes.indices.reshape(-1), (codes.values > 0).reshape(-1).to(hits.dtype))
+            fired = hits > 0
+        else:
+            fired = (codes > 0).any(0)
+        self.rows_since_fired.add_(n_rows).masked_fill_(fired, 0)
+
+    # ---- checkpoint state ------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {"trainer.rows_since_fired": self.rows_since_fired}
+        for i, state in self.optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                out[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], step_idx: int) -> None:
+        self.rows_since_fired.copy_(tensors["trainer.rows_since_fired"])
+        sd = self.optimizer.state_dict()
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = value
+        sd["state"] = state
+        self.optimizer.load_state_dict(sd)
+        self.step_idx = step_idx
+
+
+@torch.no_grad()
+def _l0(codes) -> Tensor:
+    if isinstance(codes, SparseCodes):
+        return (codes.values > 0).sum(-1).float().mean()
+    return (codes != 0).sum(-1).float().mean()

@@ -1,0 +1,1 @@
+"""Pictures: training curves and atlases of decoder atoms (matplotlib, imported lazily)."""
