@@ -8,8 +8,18 @@ __version__ = "0.1.0"
 
 from flashsae.errors import ArtifactError, ConfigError, DataError, FlashSAEError  # noqa: E402
 from flashsae.io import load  # noqa: E402
-from flashsae.models import ForwardOutput, SparseAutoencoder, SparseCodes, build, names  # noqa: E402
+from flashsae.models import ForwardOutput, SparseCodes, build, names  # noqa: E402
+from flashsae.models import SparseAutoencoder as SAEModule  # noqa: E402
 from flashsae.train.run import TrainResult, train  # noqa: E402
 
-__all__ = ["train", "load", "build", "names", "SparseAutoencoder", "SparseCodes", "ForwardOutput", "TrainResult",
+__all__ = ["train", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes", "ForwardOutput", "TrainResult",
            "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]
+
+
+def __getattr__(name: str):
+    # The scikit-learn estimator is imported on first use, so `import flashsae` stays light.
+    if name == "SparseAutoencoder":
+        from flashsae.sklearn import SparseAutoencoder
+
+        return SparseAutoencoder
+    raise AttributeError(f"module 'flashsae' has no attribute {name!r}")

@@ -18,3 +18,7 @@ class DataError(FlashSAEError, ValueError):
 
 class ArtifactError(FlashSAEError):
     """A run directory or saved model is missing, corrupt or of an unknown format."""
+
+
+class DistributedError(FlashSAEError):
+    """A data-parallel run lost a rank: a peer exited or stopped answering within the timeout."""

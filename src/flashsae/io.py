@@ -8,6 +8,8 @@ run is built in `<out>.partial` and renamed to `<out>` only when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -26,17 +28,36 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.csv"
 CURVES_FILE = "curves.png"
 ATLAS_FILE = "atoms.png"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+JSONL_LOG_FILE = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_FILE = "report.html"
+SWEEP_TABLE_FILE = "sweep.csv"
+TRADEOFF_FILE = "tradeoff.png"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_TENSORS = "state.safetensors"
+
+# Every top-level key train() writes to config.json; loading refuses any other (a foreign or
+# tampered file). Add new keys here when train() starts writing them.
+CONFIG_KEYS = frozenset({"format_version", "library", "library_version", "architecture", "model", "train", "data",
+                         "preprocess", "data_stats", "resolved"})
+# Sizes no real SAE reaches: a config.json beyond them is refused before anything is allocated.
+MAX_DIM = 2**31
+MAX_PARAMETERS = 2**34
+MAX_JSON_BYTES = 64 * 2**20
 
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def prepare_out(out: str | os.PathLike, *, overwrite: bool, resume: bool) -> Path:
-    """Validate the output directory and return the in-progress directory to write into."""
+def prepare_out(out: str | os.PathLike, *, overwrite: bool, resume: bool, create: bool = True) -> Path:
+    """Validate the output directory and return the in-progress directory to write into.
+
+    create: False on the ranks of a data-parallel run that do not write (all but rank 0): check
+        the directory and return its path, but leave the disk alone.
+    """
     out = Path(out)
     if out.exists() and not overwrite and not resume:
         raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -45,7 +66,11 @@ def prepare_out(out: str | os.PathLike, *, overwrite: bool, resume: bool) -> Pat
     work = partial_dir(out)
     if resume:
         if not (work / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file():
+            if (out / MODEL_FILE).is_file() and not work.exists():
+                raise ConfigError(f"nothing to resume: {out} is already finished")
             raise ConfigError(f"nothing to resume: no checkpoint in {work}")
+        return work
+    if not create:
         return work
     if work.exists():
         shutil.rmtree(work)
@@ -54,38 +79,84 @@ def prepare_out(out: str | os.PathLike, *, overwrite: bool, resume: bool) -> Pat
 
 
 def finalize(work: Path, out: str | os.PathLike) -> Path:
-    """Atomically publish the finished run: `<out>.partial` becomes `<out>`."""
+    """Atomically publish the finished run: `<out>.partial` becomes `<out>`.
+
+    The checkpoint is removed only after the rename, so a crash at any point leaves either a
+    resumable `<out>.partial` or a complete `<out>`.
+    """
     out = Path(out)
-    shutil.rmtree(work / CHECKPOINT_DIR, ignore_errors=True)
     old = None
     if out.exists():
         old = out.with_name(out.name + f".old-{os.getpid()}")
         os.replace(out, old)
     os.replace(work, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path):
+def _atomic_path(path: Path, *, durable: bool = False):
+    """Yield a temporary sibling of `path` to write; it replaces `path` only once complete.
+
+    A crash leaves the previous `path` or the new one, never a mix. `durable` also flushes the
+    file and its directory to disk (power loss). A full disk raises ArtifactError and keeps the
+    previous `path`.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ArtifactError(f"no space left on device while writing {path}; "
+                                "the previous version is kept (free some space, then resume)") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json(path: Path, obj) -> None:
-    with _atomic_path(Path(path)) as tmp:
+    with _atomic_path(Path(path), durable=True) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    with _atomic_path(Path(path)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with _atomic_path(Path(path), durable=True) as tmp:
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # its I/O errors arrive as text, e.g. "IoError(Os { code: 28, ...})"
+            if f"code: {errno.ENOSPC}," in str(e) or "No space left" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+            raise
 
 
 def read_json(path: Path) -> dict:
@@ -93,9 +164,13 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing")
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ArtifactError(f"{path} is corrupt: {path.stat().st_size:,} bytes is too large for a JSON file")
         obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError covers JSONDecodeError
         raise ArtifactError(f"{path} is corrupt: {e}") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path} is corrupt: expected a JSON object")
     return obj
@@ -121,17 +196,33 @@ def save_model(run_dir: Path, model, config: dict) -> None:
     write_json(run_dir / CONFIG_FILE, config)
 
 
+def inside(run_dir: str | os.PathLike, name: str) -> Path:
+    """`run_dir / name`, refusing a path (a symlink, or '..') that leads outside `run_dir`."""
+    run_dir = Path(run_dir)
+    path = run_dir / name
+    root, target = run_dir.resolve(), path.resolve()
+    if target != root and root not in target.parents:
+        raise ArtifactError(f"{path} points outside its directory (to {target}); refusing to read it")
+    return path
+
+
 def read_config(run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory {run_dir} does not exist")
-    cfg = read_json(run_dir / CONFIG_FILE)
+    path = inside(run_dir, CONFIG_FILE)
+    cfg = read_json(path)
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{run_dir / CONFIG_FILE} has format_version {version!r}; this flashsae reads version {FORMAT_VERSION}")
-    for key in ("architecture", "model", "preprocess"):
+        raise ArtifactError(f"{path} has format_version {version!r}; this flashsae reads version {FORMAT_VERSION}")
+    unknown = sorted(set(cfg) - CONFIG_KEYS)
+    if unknown:
+        raise ArtifactError(f"{path} has unknown key {unknown[0]!r}; it was not written by this flashsae")
+    for key, kind in (("architecture", str), ("model", dict), ("preprocess", dict)):
         if key not in cfg:
-            raise ArtifactError(f"{run_dir / CONFIG_FILE} is corrupt: missing {key!r}")
+            raise ArtifactError(f"{path} is corrupt: missing {key!r}")
+        if not isinstance(cfg[key], kind):
+            raise ArtifactError(f"{path} is corrupt: {key!r} must be a JSON {'string' if kind is str else 'object'}")
     return cfg
 
 
@@ -142,11 +233,42 @@ def build_model(cfg: dict):
 
     try:
         cls = models.get(cfg["architecture"])
-        model_cfg = cls.config_cls(**cfg["model"])
     except (ConfigError, TypeError) as e:
         raise ArtifactError(f"config.json describes an invalid model: {e}") from None
-    std = Standardizer(model_cfg.d_in, cfg["preprocess"].get("mode", "none"))
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    unknown = sorted(set(cfg["model"]) - fields)
+    if unknown:
+        raise ArtifactError(f"config.json has unknown model option {unknown[0]!r} for architecture "
+                            f"{cfg['architecture']!r}")
+    try:
+        model_cfg = cls.config_cls(**cfg["model"])
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
+        raise ArtifactError(f"config.json describes an invalid model: {e}") from None
+    _check_size(model_cfg)
+    try:
+        std = Standardizer(model_cfg.d_in, cfg["preprocess"].get("mode", "none"))
+    except (ConfigError, TypeError) as e:
+        raise ArtifactError(f"config.json has an invalid preprocess entry: {e}") from None
     return cls(model_cfg, std)
+
+
+def _check_size(model_cfg) -> None:
+    """Refuse dimensions no real SAE has, before any tensor is allocated."""
+    dims = {"d_in": model_cfg.d_in, "d_sae": model_cfg.d_sae}
+    dims.update({f"encoder_hidden[{i}]": h for i, h in enumerate(model_cfg.encoder_hidden)})
+    dims.update({f"decoder_hidden[{i}]": h for i, h in enumerate(model_cfg.decoder_hidden)})
+    for name, value in dims.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
+            raise ArtifactError(f"config.json describes an invalid model: {name} = {value!r} "
+                                f"(must be an integer in [1, {MAX_DIM}])")
+    enc = [model_cfg.d_in, *model_cfg.encoder_hidden]
+    dec = [*model_cfg.decoder_hidden, model_cfg.d_in]
+    n = sum(a * b + b for a, b in zip(enc[:-1], enc[1:])) + sum(a * b + b for a, b in zip(dec[:-1], dec[1:]))
+    n += model_cfg.d_sae * (enc[-1] + dec[0] + 2) + model_cfg.d_in
+    if n > MAX_PARAMETERS:
+        raise ArtifactError(f"config.json describes a model with {n:,} parameters (d_in {model_cfg.d_in}, "
+                            f"d_sae {model_cfg.d_sae}), more than flashsae loads ({MAX_PARAMETERS:,}); "
+                            "the file is corrupt or not from flashsae")
 
 
 def load(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu"):
@@ -154,8 +276,9 @@ def load(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu"):
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     model = build_model(cfg)
-    tensors = read_tensors(run_dir / MODEL_FILE)
-    load_weights(model, tensors, run_dir / MODEL_FILE)
+    path = inside(run_dir, MODEL_FILE)
+    tensors = read_tensors(path)
+    load_weights(model, tensors, path)
     model.run_config = cfg
     return model.to(device).eval()
 

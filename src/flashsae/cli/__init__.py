@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "encode": "flashsae.cli.encode",
     "decode": "flashsae.cli.decode",
     "info": "flashsae.cli.info",
+    "sweep": "flashsae.cli.sweep",
+    "report": "flashsae.cli.report",
 }
 
 

@@ -14,10 +14,6 @@ EPILOG = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from flashsae import models
-    from flashsae.cli.common import add_dataclass_flags
-    from flashsae.config import DataConfig, TrainConfig
-
     p.add_argument("data", nargs="?", default=None,
                    help="file, shard directory, or built-in name: digits (default) or synthetic")
     p.add_argument("--out", required=True, help="run directory to write (built in OUT.partial, then renamed)")
@@ -25,25 +21,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.partial")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    g = p.add_argument_group("model")
+    add_log_flags(p)
+    add_option_flags(p)
+
+
+def add_log_flags(p) -> None:
+    """Extra log sinks: run options that do not change what is trained."""
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to OUT/tensorboard")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases (needs wandb; WANDB_MODE=offline works without network)")
+
+
+def add_option_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> None:
+    """Model, data and training flags generated from the config dataclasses.
+
+    `wrap(group)` may return a stand-in whose `add_argument` adjusts each flag (flashsae sweep lets
+    every option take several values).
+    """
+    from flashsae import models
+    from flashsae.cli.common import add_dataclass_flags
+    from flashsae.config import DataConfig, TrainConfig
+
+    g = wrap(p.add_argument_group("model"))
     g.add_argument("--arch", dest="architecture", default=argparse.SUPPRESS, choices=models.names(),
                    help="architecture (default: topk)")
     seen: set[str] = {"d_in"}
     add_dataclass_flags(g, models.ModelConfig, skip={"d_in"}, names={"d_sae": "latents"}, seen=seen)
     for name in models.names():
         add_dataclass_flags(g, models.get(name).config_cls, seen=seen)
-    add_dataclass_flags(p.add_argument_group("data"), DataConfig, skip={"data"})
-    add_dataclass_flags(p.add_argument_group("training"), TrainConfig)
+    add_dataclass_flags(wrap(p.add_argument_group("data")), DataConfig, skip={"data"})
+    add_dataclass_flags(wrap(p.add_argument_group("training")), TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from flashsae.cli.common import format_metrics, print_json
     from flashsae.train.run import train
 
-    skip = {"data", "out", "overwrite", "resume", "quiet", "json", "command", "_module"}
+    skip = {"data", "out", "overwrite", "resume", "quiet", "json", "tensorboard", "wandb", "command", "_module"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
     _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
-                      quiet=args.quiet or args.json, **options)
+                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb, **options)
     if result.interrupted:
         print(f"stopped at step {result.steps}; continue with: flashsae train ... --out {args.out} --resume")
         return 0

@@ -37,12 +37,17 @@ def split_rows(n_rows: int, nonfinite_rows: np.ndarray, *, val_fraction: float, 
 
 
 def iter_chunks(source, row_ids: np.ndarray | None = None, chunk_rows: int = 65536) -> Iterator[np.ndarray]:
-    """Yield float32 chunks of at most `chunk_rows` rows, in order (all rows, or `row_ids`)."""
+    """Yield writable float32 chunks of at most `chunk_rows` rows, in order (all rows, or `row_ids`).
+
+    Chunks own their memory (never read-only views of a memory-mapped file), so
+    `torch.from_numpy` accepts them without a warning.
+    """
     if chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if row_ids is None:
         for start in range(0, source.n_rows, chunk_rows):
-            yield source.read(start, min(start + chunk_rows, source.n_rows))
+            chunk = source.read(start, min(start + chunk_rows, source.n_rows))
+            yield chunk if chunk.flags.writeable else chunk.copy()
     else:
         row_ids = np.asarray(row_ids, dtype=np.int64)
         for start in range(0, len(row_ids), chunk_rows):
@@ -70,15 +75,22 @@ class BatchIterator:
         shuffle: False yields rows in `row_ids` order.
         prefetch: batches read ahead by a background thread (0 reads in the caller's thread).
         drop_last: drop the final partial batch of an epoch.
+        shard: (rank, world_size) for data-parallel training: every rank plans the same global
+            batches and reads only rows [rank * n // world_size, (rank + 1) * n // world_size)
+            of each n-row batch.
     """
 
     def __init__(self, source, row_ids: np.ndarray, batch_size: int, *, seed: int,
                  chunk_rows: int = 262_144, shuffle: bool = True, prefetch: int = 2,
-                 drop_last: bool = True):
+                 drop_last: bool = True, shard: tuple[int, int] = (0, 1)):
         for name, value, low in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1),
                                  ("prefetch", prefetch, 0)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ConfigError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        self.shard = (rank, world)
         self.source = source
         self.row_ids = np.asarray(row_ids, dtype=np.int64)
         self.batch_size = batch_size
@@ -156,16 +168,23 @@ class BatchIterator:
             if carry is None:
                 carry = self.source.take(carry_ids)
             block = self.source.take(ids)
+            lo, hi = self._my_rows(bs)
             for i in range(n_full):
                 if emitted + i >= start_batch:
-                    yield _gather(carry, block, perm[i * bs:(i + 1) * bs])
+                    yield _gather(carry, block, perm[i * bs + lo:i * bs + hi])
             rest = perm[n_full * bs:]
             carry_ids = np.concatenate([carry_ids, ids])[rest]
             carry = _gather(carry, block, rest)
             emitted += n_full
             del block  # free the window before the next read
         if not self.drop_last and len(carry_ids) and emitted >= start_batch:
-            yield carry if carry is not None else self.source.take(carry_ids)
+            lo, hi = self._my_rows(len(carry_ids))
+            yield carry[lo:hi] if carry is not None else self.source.take(carry_ids[lo:hi])
+
+    def _my_rows(self, n: int) -> tuple[int, int]:
+        """This rank's rows [lo, hi) of an n-row global batch."""
+        rank, world = self.shard
+        return rank * n // world, (rank + 1) * n // world
 
 
 def _gather(carry: np.ndarray, block: np.ndarray, idx: np.ndarray) -> np.ndarray:

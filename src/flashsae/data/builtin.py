@@ -33,15 +33,15 @@ def synthetic_params(overrides: dict | None) -> dict:
     params = dict(SYNTHETIC_DEFAULTS)
     unknown = sorted(set(overrides or {}) - set(params))
     if unknown:
-        raise ConfigError(f"unknown synthetic option(s) {', '.join(unknown)}; choose from: {', '.join(params)}.")
+        raise ConfigError(f"unknown synthetic option(s) {', '.join(unknown)}; choose from: {', '.join(params)}")
     params.update(overrides or {})
     for name in ("rows", "d", "atoms", "active"):
         if int(params[name]) != params[name] or params[name] < 1:
-            raise ConfigError(f"synthetic {name} must be a positive integer, got {params[name]!r}.")
+            raise ConfigError(f"synthetic {name} must be a positive integer, got {params[name]!r}")
     if params["active"] > params["atoms"]:
-        raise ConfigError(f"synthetic active ({params['active']}) must not exceed atoms ({params['atoms']}).")
+        raise ConfigError(f"synthetic active ({params['active']}) must not exceed atoms ({params['atoms']})")
     if not params["noise"] >= 0:
-        raise ConfigError(f"synthetic noise must be >= 0, got {params['noise']!r}.")
+        raise ConfigError(f"synthetic noise must be >= 0, got {params['noise']!r}")
     return params
 
 

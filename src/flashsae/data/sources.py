@@ -51,7 +51,7 @@ class Source:
         raise NotImplementedError
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows at int64 indices `rows` (any order), float32 (len(rows), d_in), in that order."""
+        """Rows at int64 indices `rows` (any order) as a new writable float32 (len(rows), d_in) array."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -98,9 +98,11 @@ class ArraySource(Source):
         self.image_shape = _image_shape(image_shape, self.d_in)
         self.ground_truth = ground_truth
 
-    def _to_f32(self, a: np.ndarray) -> np.ndarray:
+    def _to_f32(self, a: np.ndarray, copy: bool = False) -> np.ndarray:
         if self._bfloat16:  # bf16 is the top half of a float32
             return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
+        if copy:
+            return np.array(a, dtype=np.float32, order="C")
         return np.ascontiguousarray(a, dtype=np.float32)
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -112,8 +114,8 @@ class ArraySource(Source):
 
         def gather(ids):
             if ids.size and ids[-1] - ids[0] + 1 == ids.size:  # one contiguous run: plain slice
-                return self._to_f32(self._array[ids[0]:ids[-1] + 1])
-            return self._to_f32(self._array[ids])
+                return self._to_f32(self._array[ids[0]:ids[-1] + 1], copy=True)
+            return self._to_f32(self._array[ids])  # fancy indexing already copies
 
         return _sorted_gather(rows, gather)
 
@@ -124,7 +126,7 @@ class ShardedSource(Source):
     def __init__(self, shards: list[ArraySource], name: str, *, image_shape=None):
         shards = [s for s in shards if s.n_rows]
         if not shards:
-            raise DataError(f"{name} has no rows in any shard.")
+            raise DataError(f"{name} has no rows in any shard")
         self._shards = shards
         self._offsets = np.cumsum([0] + [s.n_rows for s in shards]).astype(np.int64)
         self.name = name
@@ -201,13 +203,13 @@ def _open_path(path: Path, name: str, key, image_shape) -> Source:
         return _open_dir(path, name, key, image_shape)
     if not path.exists():
         hint = f" (built-in data sets: {', '.join(BUILTIN_NAMES)})" if path.suffix == "" else ""
-        raise DataError(f"{name}: no such file or directory{hint}.")
+        raise DataError(f"{name}: no such file or directory{hint}")
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{name}: unsupported file type {ext or '(no extension)'!r}; supported: "
-                        f"{', '.join(SUPPORTED_EXTENSIONS)} or a directory of .npy/.safetensors shards.")
+                        f"{', '.join(SUPPORTED_EXTENSIONS)} or a directory of .npy/.safetensors shards")
     if path.stat().st_size == 0:
-        raise DataError(f"{name} is empty (0 bytes).")
+        raise DataError(f"{name} is empty (0 bytes)")
     if ext == ".npy":
         _reject_key(key, name)
         return ArraySource(_memmap_npy(path, name), name, image_shape=image_shape)
@@ -224,12 +226,12 @@ def _open_dir(path: Path, name: str, key, image_shape) -> Source:
     files = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".safetensors") and p.is_file()),
                    key=lambda p: p.name)
     if not files:
-        raise DataError(f"{name} is a directory with no .npy or .safetensors shards.")
+        raise DataError(f"{name} is a directory with no .npy or .safetensors shards")
     shards = []
     for f in files:
         shard_name = str(Path(name) / f.name)
         if f.stat().st_size == 0:
-            raise DataError(f"{shard_name} is empty (0 bytes).")
+            raise DataError(f"{shard_name} is empty (0 bytes)")
         if f.suffix == ".npy":
             shards.append(ArraySource(_memmap_npy(f, shard_name), shard_name))
         else:
@@ -237,13 +239,13 @@ def _open_dir(path: Path, name: str, key, image_shape) -> Source:
             shards.append(ArraySource(array, shard_name, bfloat16=bf16))
         if shards[-1].d_in != shards[0].d_in:
             raise DataError(f"{shard_name} has {shards[-1].d_in} columns but {shards[0].name} "
-                            f"has {shards[0].d_in}; all shards must have the same width.")
+                            f"has {shards[0].d_in}; all shards must have the same width")
     manifest = path / "manifest.json"
     if image_shape is None and manifest.is_file():
         try:
             image_shape = json.loads(manifest.read_text()).get("image_shape")
         except (ValueError, AttributeError) as e:
-            raise DataError(f"{manifest} is not a valid JSON object ({e}).") from None
+            raise DataError(f"{manifest} is not a valid JSON object ({e})") from None
     return ShardedSource(shards, name, image_shape=image_shape)
 
 
@@ -251,13 +253,13 @@ def _validate_array(shape: tuple, dtype: np.dtype, name: str) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind not in "biuf":
         kind = "complex" if dtype.kind == "c" else "non-numeric"
-        raise DataError(f"{name} holds {kind} data of dtype {dtype}; expected real integers or floats.")
+        raise DataError(f"{name} holds {kind} data of dtype {dtype}; expected real integers or floats")
     if len(shape) != 2:
-        raise DataError(f"{name} has shape {tuple(shape)}; expected 2-D data (rows, features).")
+        raise DataError(f"{name} has shape {tuple(shape)}; expected 2-D data (rows, features)")
     if shape[0] == 0:
-        raise DataError(f"{name} has no rows (shape {tuple(shape)}).")
+        raise DataError(f"{name} has no rows (shape {tuple(shape)})")
     if shape[1] == 0:
-        raise DataError(f"{name} has 0 columns (shape {tuple(shape)}).")
+        raise DataError(f"{name} has 0 columns (shape {tuple(shape)})")
 
 
 def _image_shape(image_shape, d_in: int) -> tuple[int, int] | None:
@@ -266,21 +268,21 @@ def _image_shape(image_shape, d_in: int) -> tuple[int, int] | None:
     try:
         h, w = (int(s) for s in image_shape)
     except (TypeError, ValueError):
-        raise ConfigError(f"image_shape must be two integers (H, W), got {image_shape!r}.") from None
+        raise ConfigError(f"image_shape must be two integers (H, W), got {image_shape!r}") from None
     if h < 1 or w < 1 or h * w != d_in:
-        raise ConfigError(f"image_shape ({h}, {w}) does not fit rows of {d_in} values; H * W must equal d_in.")
+        raise ConfigError(f"image_shape ({h}, {w}) does not fit rows of {d_in} values; H * W must equal d_in")
     return (h, w)
 
 
 def _reject_key(key, what: str) -> None:
     if key is not None:
         raise ConfigError(f"key={key!r} was given but {what} has no named arrays; "
-                          "key applies to .npz, .safetensors and shard directories only.")
+                          "key applies to .npz, .safetensors and shard directories only")
 
 
 def _reject_synthetic(synthetic, data) -> None:
     if synthetic:
-        raise ConfigError(f"synthetic options apply only to data='synthetic', not {data!r}.")
+        raise ConfigError(f"synthetic options apply only to data='synthetic', not {data!r}")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -299,7 +301,7 @@ def _as_float32_array(data) -> np.ndarray:
     try:
         a = np.asarray(data)
     except (TypeError, ValueError) as e:
-        raise DataError(f"array: cannot convert {type(data).__name__} to a numeric array ({e}).") from None
+        raise DataError(f"array: cannot convert {type(data).__name__} to a numeric array ({e})") from None
     _validate_array(a.shape, a.dtype, "array")
     return _readonly(np.ascontiguousarray(a, dtype=np.float32))
 
@@ -312,18 +314,18 @@ def _memmap_npy(path: Path, name: str) -> np.ndarray:
                            else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read_header(f)
     except (ValueError, OSError, SyntaxError) as e:
-        raise DataError(f"{name} is not a valid .npy file ({e}).") from None
+        raise DataError(f"{name} is not a valid .npy file ({e})") from None
     _validate_array(shape, dtype, name)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise DataError(f"{name} is truncated or not a valid .npy file ({e}).") from None
+        raise DataError(f"{name} is truncated or not a valid .npy file ({e})") from None
 
 
 def _load_npz(path: Path, name: str, key) -> np.ndarray:
     with open(path, "rb") as f:
         if not f.read(4).startswith(b"PK"):
-            raise DataError(f"{name} is not a valid .npz file (not a zip archive).")
+            raise DataError(f"{name} is not a valid .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             key = _choose_key(list(archive.files), key, name, "array")
@@ -331,9 +333,9 @@ def _load_npz(path: Path, name: str, key) -> np.ndarray:
     except DataError:
         raise
     except ValueError as e:  # object arrays need pickle, which is never enabled
-        raise DataError(f"{name}: array {key!r} holds non-numeric data ({e}).") from None
+        raise DataError(f"{name}: array {key!r} holds non-numeric data ({e})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{name} is not a valid .npz file ({e}).") from None
+        raise DataError(f"{name} is not a valid .npz file ({e})") from None
     _validate_array(a.shape, a.dtype, f"{name}[{key!r}]")
     return _readonly(np.ascontiguousarray(a, dtype=np.float32))
 
@@ -341,15 +343,15 @@ def _load_npz(path: Path, name: str, key) -> np.ndarray:
 def _choose_key(keys: list[str], key, name: str, what: str) -> str:
     if key is not None:
         if key not in keys:
-            raise DataError(f"{name} has no {what} named {key!r}; available: {', '.join(keys) or '(none)'}.")
+            raise DataError(f"{name} has no {what} named {key!r}; available: {', '.join(keys) or '(none)'}")
         return key
     if len(keys) == 1:
         return keys[0]
     if what == "tensor" and "activations" in keys:
         return "activations"
     if not keys:
-        raise DataError(f"{name} holds no {what}s.")
-    raise DataError(f"{name} holds several {what}s ({', '.join(keys)}); choose one with key.")
+        raise DataError(f"{name} holds no {what}s")
+    raise DataError(f"{name} holds several {what}s ({', '.join(keys)}); choose one with key")
 
 
 def _memmap_safetensors(path: Path, name: str, key) -> tuple[np.ndarray, bool]:
@@ -363,20 +365,20 @@ def _memmap_safetensors(path: Path, name: str, key) -> tuple[np.ndarray, bool]:
         header.pop("__metadata__", None)
         keys = sorted(header)
     except (ValueError, struct.error, AttributeError) as e:
-        raise DataError(f"{name} is not a valid .safetensors file ({e}).") from None
+        raise DataError(f"{name} is not a valid .safetensors file ({e})") from None
     key = _choose_key(keys, key, name, "tensor")
     info = header[key]
     dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
     if dtype is None:
         raise DataError(f"{name}: tensor {key!r} has unsupported dtype {info.get('dtype')}; "
-                        f"supported: {', '.join(_SAFETENSORS_DTYPES)}.")
+                        f"supported: {', '.join(_SAFETENSORS_DTYPES)}")
     shape = tuple(int(s) for s in info["shape"])
     label = f"{name}[{key!r}]"
     _validate_array(shape, dtype, label)
     begin, end = (int(o) for o in info["data_offsets"])
     offset = 8 + header_len + begin
     if end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize or offset + end - begin > path.stat().st_size:
-        raise DataError(f"{label} is truncated or its header does not match its data.")
+        raise DataError(f"{label} is truncated or its header does not match its data")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape), info["dtype"] == "BF16"
 
 
@@ -399,7 +401,7 @@ def _read_text(path: Path, name: str, delimiter: str) -> np.ndarray:
                         continue
                 if len(cells) != width:
                     raise DataError(f"{name}, line {reader.line_num}: found {len(cells)} cells, "
-                                    f"expected {width} like the first row.")
+                                    f"expected {width} like the first row")
                 try:
                     rows.append([float(c) for c in cells])
                 except ValueError:
@@ -408,13 +410,13 @@ def _read_text(path: Path, name: str, delimiter: str) -> np.ndarray:
                     chunks.append(np.array(rows, dtype=np.float32))
                     rows = []
     except UnicodeDecodeError as e:
-        raise DataError(f"{name} is not UTF-8 text ({e}).") from None
+        raise DataError(f"{name} is not UTF-8 text ({e})") from None
     except csv.Error as e:
-        raise DataError(f"{name} could not be parsed as delimited text ({e}).") from None
+        raise DataError(f"{name} could not be parsed as delimited text ({e})") from None
     if rows:
         chunks.append(np.array(rows, dtype=np.float32))
     if not chunks:
-        raise DataError(f"{name} has no rows (no numeric data below the header).")
+        raise DataError(f"{name} has no rows (no numeric data below the header)")
     return _readonly(np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
 
 
@@ -430,5 +432,5 @@ def _cell_error(name: str, line: int, cells: list[str], header) -> DataError:
     j = next(j for j, c in enumerate(cells) if not _is_number(c))
     column = f"column {header[j]!r}" if header and header[j] else f"column {j + 1}"
     if not cells[j].strip():
-        return DataError(f"{name}, line {line}, {column}: empty cell where a number was expected.")
-    return DataError(f"{name}, line {line}, {column}: cannot read {cells[j]!r} as a number.")
+        return DataError(f"{name}, line {line}, {column}: empty cell where a number was expected")
+    return DataError(f"{name}, line {line}, {column}: cannot read {cells[j]!r} as a number")

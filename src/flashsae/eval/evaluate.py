@@ -29,8 +29,8 @@ def evaluate(model, source, row_ids: np.ndarray | None = None, *, chunk_rows: in
     for chunk in chunks:
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
         x_std = model.standardizer(x)
-        codes = model.encode_std(x_std)
-        x_hat_std = model.decode_dense(codes)
+        out = model(x_std)
+        codes, x_hat_std = out.codes, out.x_hat
         stats.update(x, model.standardizer.inverse(x_hat_std), x_std, x_hat_std, codes)
     out = stats.result()
     gt = getattr(source, "ground_truth", None)

@@ -34,7 +34,8 @@ class RunningMetrics:
         self.nnz = z(())
         self.fire_rows = z(d_sae)
 
-    def update(self, x: Tensor, x_hat: Tensor, x_std: Tensor, x_hat_std: Tensor, codes: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, x_std: Tensor, x_hat_std: Tensor, codes) -> None:
+        """Add one chunk; `codes` is a dense (rows, d_sae) tensor or (values, indices) of a top-k model."""
         x, x_hat, x_std, x_hat_std = (t.double() for t in (x, x_hat, x_std, x_hat_std))
         self.n += x.shape[0]
         self.sse += (x - x_hat).pow(2).sum()
@@ -43,9 +44,16 @@ class RunningMetrics:
         self.sse_std += (x_std - x_hat_std).pow(2).sum()
         self.sum_s += x_std.sum(0)
         self.sum_s2 += x_std.pow(2).sum(0)
-        active = codes != 0
-        self.nnz += active.sum()
-        self.fire_rows += active.sum(0)
+        if isinstance(codes, tuple):
+            values, indices = codes
+            active = values != 0
+            self.nnz += active.sum()
+            # a row fires a latent at most once in top-k codes, so counting entries counts rows
+            self.fire_rows.index_add_(0, indices.reshape(-1), active.reshape(-1).double())
+        else:
+            active = codes != 0
+            self.nnz += active.sum()
+            self.fire_rows += active.sum(0)
 
     def result(self) -> dict[str, float]:
         n = max(self.n, 1)

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashsae import io
+from flashsae import distributed, io
 from flashsae.config import DataConfig, TrainConfig, to_dict
 from flashsae.data import BatchIterator, open_source, split_rows
 from flashsae.errors import ConfigError, DataError
 from flashsae.eval.evaluate import evaluate
 from flashsae.preprocess import Scan, Standardizer, scan
+from flashsae.train import checkpoint, loggers
 from flashsae.train.options import make_model_config, split_options
 from flashsae.train.trainer import Trainer
 
@@ -61,7 +62,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-          progress: bool | None = None, **options):
+          progress: bool | None = None, tensorboard: bool = False, wandb: bool = False,
+          dist_timeout: float = distributed.DEFAULT_TIMEOUT_S, comm: distributed.Comm | None = None, **options):
     """Train a sparse autoencoder.
 
     Args:
@@ -71,17 +73,25 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         overwrite: replace an existing `out`.
         resume: continue from the checkpoint left in `<out>.partial`.
         quiet: no progress bar or summary.
+        tensorboard: also write TensorBoard event files to `<out>/tensorboard` (needs tensorboard).
+        wandb: also log to a Weights & Biases run (needs wandb; WANDB_MODE=offline works offline).
+        dist_timeout: under torchrun, seconds a rank waits for the others before failing.
+        comm: the process group to train in; None joins torchrun's (data parallel) when WORLD_SIZE > 1,
+            `flashsae.distributed.LOCAL` trains alone (each rank of a sweep).
         **options: fields of DataConfig, TrainConfig and the architecture's model config
             (`architecture`/`arch`, `d_sae`/`latents`, `k`, `l1`, ...).
 
     Returns:
         (model, TrainResult)
     """
-    show = (not quiet) if progress is None else progress
+    comm = comm if comm is not None else distributed.from_env(dist_timeout)
+    show = ((not quiet) if progress is None else progress) and comm.is_main()
     if out is None and resume:
         raise ConfigError("resume needs an output directory")
-    work = io.prepare_out(out, overwrite=overwrite, resume=resume) if out is not None else None
+    loggers.check_options(tensorboard=tensorboard, wandb=wandb, has_out=out is not None)
+    work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=comm.is_main()) if out is not None else None
     saved = io.read_json(work / io.CONFIG_FILE) if resume else None
+    resume_from, work = work, (work if comm.is_main() else None)  # only rank 0 writes
     if saved is not None:
         options = {**saved["data"], **saved["train"], **{k: v for k, v in saved["model"].items() if k != "d_in"},
                    "architecture": saved["architecture"]}
@@ -94,11 +104,15 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     train_cfg = TrainConfig(**train_opts)
     spec = data if data is not None and not isinstance(data, (str, Path)) else data_cfg.data
     source = open_source(spec, key=data_cfg.key, image_shape=data_cfg.image_shape,
-                         synthetic=data_cfg.synthetic_params() if spec == "synthetic" else None)
+                         synthetic=data_cfg.synthetic_params() if isinstance(spec, str) and spec == "synthetic" else None)
     if saved is not None and source.d_in != saved["model"]["d_in"]:
         raise DataError(f"{source.name} has {source.d_in} columns but the checkpoint was trained on {saved['model']['d_in']}")
+    data_fp = checkpoint.fingerprint(source)
+    if saved is not None:
+        checkpoint.check_same_data(saved, source, data_fp, resume_from)
+    comm.check_same("data", checkpoint.describe(source, data_fp))
     model_cfg = make_model_config(architecture, model_opts, source.d_in)
-    device = resolve_device(train_cfg.device)
+    device = comm.device(resolve_device(train_cfg.device))
     if train_cfg.threads is not None:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
@@ -112,7 +126,10 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
                                     seed=train_cfg.seed)
     if len(train_ids) == 0:
         raise DataError(f"{source.name} has no usable rows")
-    batch_size = train_cfg.batch_size or _auto_batch(len(train_ids))
+    batch_size = train_cfg.batch_size or max(comm.world_size, _auto_batch(len(train_ids)) // comm.world_size * comm.world_size)
+    if batch_size % comm.world_size:
+        raise ConfigError(f"batch_size {batch_size} is not a multiple of the {comm.world_size} ranks; each rank "
+                          "trains on an equal share of every batch")
     if batch_size > len(train_ids):
         raise DataError(f"{source.name} has {len(train_ids)} training rows, fewer than one batch of {batch_size}")
     standardizer = Standardizer.from_scan(_exclude_rows(stats, source, val_ids), data_cfg.standardize)
@@ -123,11 +140,11 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     total_rows = _total_rows(train_cfg, len(train_ids))
     total_steps = max(1, total_rows // batch_size)
     dead_after = train_cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
-    trainer = Trainer(model, train_cfg, total_steps=total_steps, dead_after_rows=dead_after)
-    batches = BatchIterator(source, train_ids, batch_size, seed=train_cfg.seed)
+    trainer = Trainer(model, train_cfg, total_steps=total_steps, dead_after_rows=dead_after, comm=comm)
+    batches = BatchIterator(source, train_ids, batch_size, seed=train_cfg.seed, shard=(comm.rank, comm.world_size))
     per_epoch = batches.batches_per_epoch()
-    eval_every = train_cfg.eval_every or max(1, total_steps // 20)
-    eval_ids = val_ids[:8192] if len(val_ids) else train_ids[:8192]
+    eval_every = train_cfg.eval_every or max(1, total_steps // 10)
+    eval_ids = val_ids[:4096] if len(val_ids) else train_ids[:4096]
 
     run_config = {
         "format_version": io.FORMAT_VERSION,
@@ -142,30 +159,40 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
                        "n_train": int(len(train_ids)), "n_val": int(len(val_ids)),
                        "nonfinite_dropped": int(len(stats.nonfinite_rows)),
                        "image_shape": list(source.image_shape) if source.image_shape else None,
-                       "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean())},
+                       "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean()),
+                       "fingerprint": data_fp},
         "resolved": {"batch_size": batch_size, "total_steps": total_steps, "lr": trainer.base_lr,
-                     "dead_after_rows": dead_after, "device": str(device)},
+                     "dead_after_rows": dead_after, "device": str(device), "world_size": comm.world_size},
     }
 
     state = {"step": 0, "rows_seen": 0, "history": [], "best": math.inf, "since_best": 0, "elapsed": 0.0}
     if resume:
-        state = _load_checkpoint(work, model, trainer)
+        state = checkpoint.load(resume_from, model, trainer)
     else:
         _init_b_dec(model, source, train_ids, train_cfg.seed)
         if work is not None:
             io.write_json(work / io.CONFIG_FILE, run_config)
+    comm.broadcast_module_(model)  # every rank starts from rank 0's weights and standardiser
 
-    interrupted = _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every,
-                              train_cfg, work, show)
-    model.eval()
-    metrics = dict(evaluate(model, source, val_ids if len(val_ids) else train_ids[:50_000], progress=show))
-    metrics.update(rows_seen=state["rows_seen"], steps=state["step"], train_seconds=round(state["elapsed"], 3),
-                   rows_per_s=round(state["rows_seen"] / max(state["elapsed"], 1e-9), 1),
-                   evaluated_on="held-out" if len(val_ids) else "training rows")
+    logs = loggers.TrainingLogs.open(work, run_config, state["history"], total_steps=total_steps,
+                                     resume_step=state["step"] + 1 if resume else None,
+                                     tensorboard=tensorboard and comm.is_main(), wandb=wandb and comm.is_main())
+    try:
+        interrupted = _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every,
+                                  train_cfg, work, show, on_log=logs.log)
+        model.eval()
+        metrics = dict(evaluate(model, source, val_ids if len(val_ids) else train_ids[:50_000], progress=show))
+        metrics.update(rows_seen=state["rows_seen"], steps=state["step"], train_seconds=round(state["elapsed"], 3),
+                       rows_per_s=round(state["rows_seen"] / max(state["elapsed"], 1e-9), 1),
+                       evaluated_on="held-out" if len(val_ids) else "training rows")
+        logs.summary(metrics, state["step"])
+    finally:
+        logs.close()
     result = TrainResult(metrics, state["elapsed"], state["rows_seen"], state["step"], None, state["history"],
                          interrupted)
     if work is not None and not interrupted:
-        result.run_dir = _write_run(work, out, model, run_config, metrics, state["history"], source)
+        result.run_dir = _write_run(work, out, model, run_config, metrics, state["history"], source,
+                                    val_ids if len(val_ids) else train_ids)
     elif work is not None:
         result.run_dir = work
     if show and not interrupted:
@@ -173,7 +200,9 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     return model, result
 
 
-def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every, cfg, work, show):
+def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every, cfg, work, show,
+                on_log=None):
+    """Steps until done; `on_log(row)` sees each log row after it joins the history (extra log sinks)."""
     model = trainer.model
     device = model.W_dec.device
     bar = None
@@ -187,7 +216,7 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
     old_handlers = _install_signal_handlers(stop)
     t0 = time.perf_counter() - state["elapsed"]
     interrupted = False
-    trainer.refresh_aux()
+    comm = trainer.comm
     try:
         while state["step"] < total_steps:
             epoch, start = divmod(state["step"], per_epoch)
@@ -197,22 +226,28 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
                 acc = torch.stack(m) if acc is None else acc + torch.stack(m)
                 n_acc += 1
                 state["step"] += 1
-                state["rows_seen"] += batch.shape[0]
+                state["rows_seen"] += batch.shape[0] * comm.world_size
                 step = state["step"]
                 done = step >= total_steps
-                if step % cfg.log_every == 0 or done or step % eval_every == 0:
-                    row = _log_row(trainer, acc / n_acc, state, t0)
+                at_log = step % cfg.log_every == 0 or done or step % eval_every == 0
+                if at_log:
+                    row = _log_row(trainer, comm.all_reduce_mean_(acc / n_acc), state, t0)
                     acc, n_acc = None, 0
                     trainer.refresh_aux()
                     if step % eval_every == 0 or done:
                         v = evaluate(model, source, eval_ids)
                         model.train()
+                        # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
+                        v["fvu_standardized"], v["l0"] = comm.broadcast_(
+                            torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
                         row["val_fvu"], row["val_l0"] = v["fvu_standardized"], v["l0"]
                         if v["fvu_standardized"] < state["best"] * (1 - 1e-3):
                             state["best"], state["since_best"] = v["fvu_standardized"], 0
                         else:
                             state["since_best"] += 1
                     state["history"].append(row)
+                    if on_log is not None:
+                        on_log(row)
                     if bar is not None:
                         bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", refresh=False)
                     if work is not None:
@@ -221,20 +256,22 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
                     bar.update(1)
                 if work is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
                     state["elapsed"] = time.perf_counter() - t0
-                    _save_checkpoint(work, model, trainer, state)
+                    checkpoint.save(work, model, trainer, state)
                 if cfg.patience and state["since_best"] >= cfg.patience:
                     total_steps = step  # early stop
                 if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and not done:
                     stop["signal"] = "stop_after_steps"
-                if stop["signal"] is not None:
-                    raise Interrupted(stop["signal"])
+                # A signal may reach some ranks only: ranks agree at log steps (their one sync point).
+                if stop["signal"] == "stop_after_steps" or comm.agree_stop(stop["signal"] is not None,
+                                                                          sync_point=at_log):
+                    raise Interrupted(stop["signal"] or "a signal to another rank")
                 if step >= total_steps:
                     break
     except (Interrupted, KeyboardInterrupt):
         interrupted = True
         state["elapsed"] = time.perf_counter() - t0
         if work is not None:
-            _save_checkpoint(work, model, trainer, state)
+            checkpoint.save(work, model, trainer, state)
         if stop["signal"] != "stop_after_steps":
             raise Interrupted(f"training interrupted at step {state['step']}; resume with --resume") from None
     finally:
@@ -285,33 +322,7 @@ def _restore_signal_handlers(old: dict) -> None:
         signal.signal(sig, h)
 
 
-def _save_checkpoint(work: Path, model, trainer, state: dict) -> None:
-    ckpt = work / io.CHECKPOINT_DIR
-    ckpt.mkdir(exist_ok=True)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(trainer.state_tensors())
-    tensors["rng.torch"] = torch.get_rng_state()
-    # Tensors first, then the JSON that points at them: a crash between the two leaves the previous
-    # JSON, whose step no longer matches, so the pair is written under a step-stamped name.
-    name = f"state-{state['step']}.safetensors"
-    io.write_tensors(ckpt / name, tensors)
-    io.write_json(ckpt / io.CHECKPOINT_STATE, {**state, "tensors": name})
-    for old in ckpt.glob("state-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
-def _load_checkpoint(work: Path, model, trainer) -> dict:
-    ckpt = work / io.CHECKPOINT_DIR
-    state = io.read_json(ckpt / io.CHECKPOINT_STATE)
-    tensors = io.read_tensors(ckpt / state.pop("tensors"))
-    io.load_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt)
-    trainer.load_state_tensors(tensors, state["step"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return state
-
-
-def _write_run(work: Path, out, model, run_config, metrics, history, source) -> Path:
+def _write_run(work: Path, out, model, run_config, metrics, history, source, sample_ids=None) -> Path:
     io.save_model(work, model, run_config)
     io.write_json(work / io.METRICS_FILE, metrics)
     _write_log(work / io.LOG_FILE, history)
@@ -320,6 +331,9 @@ def _write_run(work: Path, out, model, run_config, metrics, history, source) -> 
     plots.training_curves(history, work / io.CURVES_FILE)
     if source.image_shape is not None:
         plots.atom_atlas(model.atoms().cpu().numpy(), tuple(source.image_shape), work / io.ATLAS_FILE)
+        if sample_ids is not None and len(sample_ids):
+            plots.reconstructions(model, source.take(np.asarray(sample_ids[:6])), tuple(source.image_shape),
+                                  work / io.RECONSTRUCTIONS_FILE)
     return io.finalize(work, out)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from flashsae.config import TrainConfig
+from flashsae.distributed import LOCAL, Comm
 from flashsae.models.base import SparseAutoencoder, SparseCodes
 from flashsae.train.optim import default_lr, lr_factor, make_optimizer, sparsity_factor
 
@@ -25,11 +26,21 @@ class Trainer:
 
     `step(x)` takes a standardised batch already on the device and returns device tensors; reading
     them (and deciding whether AuxK is needed) is left to the caller every `log_every` steps.
+
+    Data parallel: `x` is this rank's share of the global batch and `comm` averages the gradients
+    (before the decoder-gradient projection), ORs the dead-latent firing masks and averages
+    trained buffers, so every rank takes the same step as one process on the whole batch. With
+    the default `LOCAL` comm these calls are no-ops.
     """
 
-    def __init__(self, model: SparseAutoencoder, cfg: TrainConfig, *, total_steps: int, dead_after_rows: int):
+    def __init__(self, model: SparseAutoencoder, cfg: TrainConfig, *, total_steps: int, dead_after_rows: int,
+                 comm: Comm = LOCAL):
         self.model = model
         self.cfg = cfg
+        self.comm = comm
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        # Buffers the step changes (BatchTopK's threshold); the standardiser is fixed after fitting.
+        self._trained_buffers = [b for name, b in model.named_buffers() if not name.startswith("standardizer.")]
         self.total_steps = total_steps
         self.dead_after_rows = dead_after_rows
         device = model.W_dec.device
@@ -66,14 +77,18 @@ class Trainer:
         if out.aux is not None:
             # AuxK: dead latents reconstruct the residual, normalised by its variance (Gao et al., 2024, App. B.1).
             resid = (x - x_hat).detach()
-            resid_var = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+            resid_mean = self.comm.all_reduce_mean_(resid.mean(0))  # of the global batch
+            resid_var = self.comm.all_reduce_mean_((resid - resid_mean).pow(2).sum(-1).mean()).clamp_min(1e-8)
             aux_loss = self.auxk_coef * (out.aux.float() - resid).pow(2).sum(-1).mean() / resid_var
             loss = loss + aux_loss
         loss.backward()
+        self.comm.all_reduce_grads_(self._params)
         model.constrain_decoder_grad()
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.constrain_decoder()
+        for buf in self._trained_buffers:
+            self.comm.all_reduce_mean_(buf)
         self._update_fired(out.codes, x.shape[0])
         self.step_idx += 1
         with torch.no_grad():
@@ -88,11 +103,13 @@ class Trainer:
             fired = hits > 0
         else:
             fired = (codes > 0).any(0)
-        self.rows_since_fired.add_(n_rows).masked_fill_(fired, 0)
+        fired = self.comm.any_(fired)  # fired anywhere in the global batch
+        self.rows_since_fired.add_(n_rows * self.comm.world_size).masked_fill_(fired, 0)
 
     # ---- checkpoint state ------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
-        out = {"trainer.rows_since_fired": self.rows_since_fired}
+        # use_aux too: it changes only at log steps, so a resume between two must not recompute it.
+        out = {"trainer.rows_since_fired": self.rows_since_fired, "trainer.use_aux": torch.tensor(self.use_aux)}
         for i, state in self.optimizer.state_dict()["state"].items():
             for name, value in state.items():
                 out[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
@@ -100,6 +117,8 @@ class Trainer:
 
     def load_state_tensors(self, tensors: dict[str, Tensor], step_idx: int) -> None:
         self.rows_since_fired.copy_(tensors["trainer.rows_since_fired"])
+        if "trainer.use_aux" in tensors:
+            self.use_aux = bool(tensors["trainer.use_aux"])
         sd = self.optimizer.state_dict()
         state: dict[int, dict] = {}
         for key, value in tensors.items():

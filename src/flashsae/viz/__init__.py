@@ -1,1 +1,2 @@
-"""Pictures: training curves and atlases of decoder atoms (matplotlib, imported lazily)."""
+"""Pictures: training curves, atlases of decoder atoms, reconstructions, sweep trade-offs (matplotlib,
+imported lazily) and the self-contained HTML report."""

@@ -1,0 +1,42 @@
+"""Data-parallel training under torchrun: a process group from the environment, and collectives
+that are no-ops in a single process, so the same code runs alone and on N ranks.
+
+Imports only torch and `errors`; see docs/distributed.md for launching and costs.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from flashsae.distributed.comm import DEFAULT_TIMEOUT_S, LOCAL, Comm, ProcessGroupComm, current, from_env
+
+
+def is_main() -> bool:
+    """True unless this process is a rank other than 0 of an initialised process group."""
+    return current().is_main()
+
+
+def rank() -> int:
+    return current().rank
+
+
+def world_size() -> int:
+    return current().world_size
+
+
+def all_reduce_mean_(t: Tensor) -> Tensor:
+    """Average `t` over ranks in place (no-op in a single process); returns `t`."""
+    return current().all_reduce_mean_(t)
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """Copy rank `src`'s `t` into `t` on every rank (no-op in a single process); returns `t`."""
+    return current().broadcast_(t, src)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    current().barrier()
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "Comm", "ProcessGroupComm", "all_reduce_mean_", "barrier",
+           "broadcast_", "current", "from_env", "is_main", "rank", "world_size"]

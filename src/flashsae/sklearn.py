@@ -1,0 +1,461 @@
+"""`SparseAutoencoder`: the scikit-learn estimator facade over the flashsae engine.
+
+`fit` is one call of `flashsae.train.run.train`; `partial_fit` runs more optimizer steps of the
+same Trainer on each new block of rows; `transform` encodes with the trained encoder or with
+orthogonal matching pursuit (`flashsae.omp`) over the learned decoder atoms. The estimator only
+translates parameters and arrays: it holds no training logic of its own. Imports `train`,
+`models`, `preprocess`, `data` and `omp`; nothing imports this module except `flashsae.__init__`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_array, check_is_fitted
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - older scikit-learn
+    def _validate_data(estimator, X, **kwargs):
+        return estimator._validate_data(X, **kwargs)
+
+TRANSFORM_ALGORITHMS = ("encoder", "omp")
+# Architecture-specific options: passed to train() only when set and when the architecture has them.
+_MODEL_OPTIONS = ("k", "l1", "beta", "rho", "contractive", "l0")
+_DTYPES = [np.float64, np.float32]
+_CHUNK_ROWS = 4096
+_DEFAULT_N_NONZERO = 8
+
+
+class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Sparse autoencoder trained by flashsae, as a scikit-learn transformer.
+
+    Learns an encoder ``h = f(x)`` with sparse codes and a dictionary of decoder atoms so that
+    ``x ~ g(h)``. Rows are standardised (fitted on the training rows) before training; `transform`
+    and `inverse_transform` work in the data's own units.
+
+    Parameters
+    ----------
+    architecture : str, default="topk"
+        Registered architecture: "topk", "batchtopk", "relu-l1", "jumprelu", "kl" or
+        "contractive" (see ``flashsae.names()``).
+    n_components : int, default=None
+        Number of latents (dictionary atoms); None picks 8 * n_features.
+    k : int, default=None
+        Active latents per row (topk, batchtopk); None uses the library default (8).
+    l1 : float, default=None
+        L1 penalty weight (relu-l1).
+    beta : float, default=None
+        KL sparsity penalty weight (kl).
+    rho : float, default=None
+        Target mean activation of the KL penalty (kl).
+    contractive : float, default=None
+        Weight of the contractive (encoder Jacobian) penalty (contractive).
+    l0 : float, default=None
+        L0 penalty weight (jumprelu).
+    encoder_hidden : tuple of int, default=()
+        Widths of ReLU hidden layers before the code layer.
+    decoder_hidden : tuple of int, default=()
+        Widths of ReLU hidden layers after the code layer. A nonlinear decoder has no atoms to
+        pursue, so it cannot be combined with ``transform_algorithm="omp"``.
+    epochs : float, default=None
+        Passes over the training rows; None uses the library default (at least 20 epochs and
+        2M rows, at most 200 epochs). In `partial_fit`, passes over each block (None: one).
+    batch_size : int, default=None
+        Rows per optimizer step; None uses the library default. Never more than the number of
+        training rows, so any number of rows can be fitted.
+    lr : float, default=None
+        Adam learning rate; None scales it with n_components.
+    standardize : {"column", "global", "norm", "none"}, default="column"
+        Standardisation fitted on the training rows.
+    val_fraction : float, default=0.0
+        Fraction of rows held out from training for the evaluation in ``result_.metrics``.
+    transform_algorithm : {"encoder", "omp"}, default="encoder"
+        How `transform` computes codes: the trained encoder, or orthogonal matching pursuit
+        over the learned decoder atoms (in the standardised space, after subtracting the decoder
+        bias), with ``transform_n_nonzero_coefs`` atoms per row.
+    transform_n_nonzero_coefs : int, default=None
+        Atoms per row for "omp"; None means `k` when set, else 8.
+    sparse_output : bool, default=False
+        `transform` returns a ``scipy.sparse.csr_matrix`` instead of a dense array.
+    verbose : bool, default=False
+        Show progress bars and the training summary.
+    random_state : int, RandomState instance or None, default=None
+        Seed of initialisation and shuffling; an int is used as the seed itself.
+    device : str, default="auto"
+        "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
+
+    Attributes
+    ----------
+    model_ : flashsae.SAEModule
+        The trained torch model (encode/decode in data units).
+    result_ : flashsae.TrainResult
+        Training summary: metrics, steps, rows seen, wall time.
+    components_ : ndarray of shape (n_components, n_features)
+        Decoder atoms in data units: ``x_hat = codes @ components_ + offset`` for a linear decoder.
+    n_components_ : int
+        Number of latents actually used.
+    n_features_in_ : int
+        Number of features seen during `fit`.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names seen during `fit`, when X has string column names.
+
+    See Also
+    --------
+    sklearn.decomposition.MiniBatchDictionaryLearning : dictionary learning with lasso codes.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from flashsae import SparseAutoencoder
+    >>> X = load_digits().data
+    >>> sae = SparseAutoencoder(n_components=128, k=8, epochs=5, random_state=0).fit(X)
+    >>> sae.transform(X[:2]).shape
+    (2, 128)
+    """
+
+    def __init__(self, architecture="topk", n_components=None, *, k=None, l1=None, beta=None, rho=None,
+                 contractive=None, l0=None, encoder_hidden=(), decoder_hidden=(), epochs=None,
+                 batch_size=None, lr=None, standardize="column", val_fraction=0.0,
+                 transform_algorithm="encoder", transform_n_nonzero_coefs=None, sparse_output=False,
+                 verbose=False, random_state=None, device="auto"):
+        self.architecture = architecture
+        self.n_components = n_components
+        self.k = k
+        self.l1 = l1
+        self.beta = beta
+        self.rho = rho
+        self.contractive = contractive
+        self.l0 = l0
+        self.encoder_hidden = encoder_hidden
+        self.decoder_hidden = decoder_hidden
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.standardize = standardize
+        self.val_fraction = val_fraction
+        self.transform_algorithm = transform_algorithm
+        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
+        self.sparse_output = sparse_output
+        self.verbose = verbose
+        self.random_state = random_state
+        self.device = device
+
+    # ---- fitting ---------------------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Train a new model on X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : SparseAutoencoder
+        """
+        X = _validate_data(self, X, reset=True, dtype=_DTYPES)
+        self._check_transform_params()
+        from flashsae.train.run import train
+
+        options = self._train_options(X.shape[0], self._seed())
+        with _forked_rng(self.device):
+            model, result = train(np.asarray(X, dtype=np.float32), quiet=not self.verbose, **options)
+        self.model_ = model
+        self.result_ = result
+        self._trainer = self._train_cfg = None
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Continue training on one more block of rows (one pass, or `epochs` passes).
+
+        The first call builds the model and fits the standardisation on its rows; later calls
+        (also after `fit`) run more optimizer steps of the same model. The learning rate is
+        constant: there is no schedule over an unknown number of calls.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : SparseAutoencoder
+        """
+        first = not hasattr(self, "model_")
+        X = _validate_data(self, X, reset=first, dtype=_DTYPES)
+        X = np.asarray(X, dtype=np.float32)
+        if first:
+            self._check_transform_params()
+            self._start_partial(X)
+        if getattr(self, "_trainer", None) is None:
+            self._trainer = self._make_trainer(X.shape[0])
+        self._run_steps(X)
+        return self
+
+    # ---- transforming ----------------------------------------------------------------------
+    def transform(self, X):
+        """Sparse codes of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to encode.
+
+        Returns
+        -------
+        codes : ndarray or scipy.sparse.csr_matrix of shape (n_samples, n_components_)
+            Dense unless ``sparse_output=True``; float32 for float32 input, else float64.
+        """
+        check_is_fitted(self)
+        X = _validate_data(self, X, reset=False, dtype=_DTYPES)
+        self._check_transform_params()
+        chunks = (self._encode(X[start:start + _CHUNK_ROWS]).cpu().numpy().astype(X.dtype, copy=False)
+                  for start in range(0, X.shape[0], _CHUNK_ROWS))
+        if self.sparse_output:
+            return sp.vstack([sp.csr_matrix(c) for c in chunks], format="csr")
+        return np.concatenate(list(chunks))
+
+    def inverse_transform(self, X):
+        """Rows reconstructed from codes, in the data's own units.
+
+        Parameters
+        ----------
+        X : array-like or sparse matrix of shape (n_samples, n_components_)
+            Codes from `transform` (with either transform algorithm: both reconstruct as
+            ``codes @ W_dec + b_dec`` in the standardised space for a linear decoder).
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        codes = check_array(X, accept_sparse="csr", dtype=_DTYPES)
+        if codes.shape[1] != self.model_.d_sae:
+            raise ValueError(f"codes have {codes.shape[1]} columns but the model has {self.model_.d_sae} "
+                             f"components")
+        out = np.empty((codes.shape[0], self.n_features_in_), dtype=codes.dtype)
+        for start in range(0, codes.shape[0], _CHUNK_ROWS):
+            chunk = codes[start:start + _CHUNK_ROWS]
+            chunk = chunk.toarray() if sp.issparse(chunk) else chunk
+            out[start:start + _CHUNK_ROWS] = self.model_.decode(_as_tensor(chunk)).cpu().numpy()
+        return out
+
+    def score(self, X, y=None):
+        """Negative mean squared reconstruction error of X (higher is better).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Rows to reconstruct through `transform` and `inverse_transform`.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        score : float
+            ``-mean((X - inverse_transform(transform(X))) ** 2)``.
+        """
+        check_is_fitted(self)
+        X = _validate_data(self, X, reset=False, dtype=_DTYPES)
+        self._check_transform_params()
+        total = 0.0
+        for start in range(0, X.shape[0], _CHUNK_ROWS):
+            chunk = X[start:start + _CHUNK_ROWS]
+            x_hat = self.model_.decode(self._encode(chunk)).double().cpu().numpy()
+            total += float(np.square(np.asarray(chunk, dtype=np.float64) - x_hat).sum())
+        return -total / X.size
+
+    # ---- fitted views ------------------------------------------------------------------------
+    @property
+    def components_(self) -> np.ndarray:
+        check_is_fitted(self)
+        return self.model_.atoms().cpu().numpy()
+
+    @property
+    def n_components_(self) -> int:
+        check_is_fitted(self)
+        return self.model_.d_sae
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.n_components_
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "model_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # The optimizer is rebuilt by the next partial_fit; a pickle holds the model only.
+        state.pop("_trainer", None)
+        return state
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _seed(self) -> int:
+        if isinstance(self.random_state, numbers.Integral):
+            return int(self.random_state)
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _train_options(self, n_rows: int, seed: int) -> dict:
+        """Keyword options of `train()`: only those set, and only those the architecture has."""
+        from flashsae.train.options import model_fields
+        from flashsae.train.run import _auto_batch
+
+        relevant = model_fields(self.architecture)  # also validates the name
+        options = {"architecture": self.architecture, "standardize": self.standardize,
+                   "val_fraction": self.val_fraction, "seed": seed, "device": self.device}
+        if self.n_components is not None:
+            options["d_sae"] = self.n_components
+        for name in ("epochs", "lr"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        for name in ("encoder_hidden", "decoder_hidden"):
+            if getattr(self, name):
+                options[name] = tuple(getattr(self, name))
+        for name in _MODEL_OPTIONS:
+            if getattr(self, name) is not None and name in relevant:
+                options[name] = getattr(self, name)
+        n_val = int(round(self.val_fraction * n_rows)) if 0 <= self.val_fraction < 1 else 0
+        n_train = max(1, n_rows - n_val)
+        options["batch_size"] = min(self.batch_size or _auto_batch(n_train), n_train)
+        return options
+
+    def _check_transform_params(self) -> None:
+        if self.transform_algorithm not in TRANSFORM_ALGORITHMS:
+            raise ValueError(f"transform_algorithm must be one of {', '.join(TRANSFORM_ALGORITHMS)}, "
+                             f"got {self.transform_algorithm!r}")
+        if self.transform_algorithm == "omp" and self.decoder_hidden:
+            raise ValueError("transform_algorithm='omp' needs a linear decoder; decoder_hidden is set")
+        n = self.transform_n_nonzero_coefs
+        if n is not None and (not isinstance(n, numbers.Integral) or n < 1):
+            raise ValueError(f"transform_n_nonzero_coefs must be a positive integer, got {n!r}")
+
+    def _n_nonzero(self) -> int:
+        if self.transform_n_nonzero_coefs is not None:
+            return int(self.transform_n_nonzero_coefs)
+        return int(self.k) if self.k is not None else _DEFAULT_N_NONZERO
+
+    @torch.no_grad()
+    def _encode(self, X: np.ndarray) -> torch.Tensor:
+        """Dense float32 codes (rows, n_components_) of raw rows X, on the model's device."""
+        model = self.model_
+        x = _as_tensor(X, device=model.W_dec.device)
+        if self.transform_algorithm == "encoder":
+            return model.encode(x)
+        from flashsae.omp import omp
+
+        # Pursuit over unit-norm atoms of the residual the decoder must explain, x_std - b_dec;
+        # dividing by the norms makes codes @ W_dec + b_dec the reconstruction (KL models do not
+        # keep unit-norm atoms).
+        norms = model.W_dec.norm(dim=1).clamp_min(1e-12)
+        values, indices = omp(model.standardizer(x) - model.b_dec, model.W_dec / norms[:, None],
+                              min(self._n_nonzero(), model.d_sae))
+        codes = values.new_zeros((x.shape[0], model.d_sae))
+        return codes.scatter_(1, indices, values / norms[indices])
+
+    def _start_partial(self, X: np.ndarray) -> None:
+        """First partial_fit: build the model and fit the standardisation on X."""
+        from flashsae import models
+        from flashsae.config import DataConfig, TrainConfig
+        from flashsae.data import open_source
+        from flashsae.preprocess import Standardizer, scan
+        from flashsae.train.options import make_model_config, split_options
+        from flashsae.train.run import _init_b_dec, resolve_device
+
+        seed = self._seed()
+        architecture, data_opts, train_opts, model_opts = split_options(self._train_options(X.shape[0], seed))
+        data_cfg = DataConfig(**{**data_opts, "data": "<array>"})
+        train_cfg = TrainConfig(**train_opts)
+        source = open_source(X)
+        model_cfg = make_model_config(architecture, model_opts, source.d_in)
+        device = resolve_device(train_cfg.device)
+        standardizer = Standardizer.from_scan(scan(source), data_cfg.standardize)
+        with _forked_rng(train_cfg.device):
+            torch.manual_seed(seed)
+            model = models.get(architecture)(model_cfg, standardizer).to(device)
+            _init_b_dec(model, source, np.arange(source.n_rows), seed)
+        self.model_ = model
+        self._train_cfg = train_cfg
+        self._trainer = None
+        self.result_ = _empty_result()
+
+    def _make_trainer(self, n_rows: int):
+        from flashsae.config import TrainConfig
+        from flashsae.train.trainer import Trainer
+
+        if getattr(self, "_train_cfg", None) is not None:
+            cfg = self._train_cfg
+        else:  # continuing a model trained by fit()
+            options = self._train_options(n_rows, self._seed())
+            from flashsae.train.options import split_options
+
+            cfg = TrainConfig(**split_options(options)[2])
+        # Constant learning rate and full sparsity weight: the number of future calls is unknown.
+        cfg = dataclasses.replace(cfg, lr_warmup=0.0, lr_decay="none", sparsity_warmup=0.0)
+        self._train_cfg = cfg
+        batch = cfg.batch_size
+        return Trainer(self.model_, cfg, total_steps=1, dead_after_rows=max(batch, min(10_000_000, 10 * n_rows)))
+
+    def _run_steps(self, X: np.ndarray) -> None:
+        trainer, model = self._trainer, self.model_
+        device = model.W_dec.device
+        batch = min(self._train_cfg.batch_size, X.shape[0])
+        passes = self.epochs if self.epochs is not None else 1
+        n_steps = max(1, int(passes * X.shape[0]) // batch)
+        # Held-out metrics of an earlier fit no longer describe the model once it trains on.
+        result = dataclasses.replace(self.result_, metrics={})
+        rng = np.random.default_rng([self._train_cfg.seed, result.steps])
+        order = np.concatenate([rng.permutation(X.shape[0]) for _ in range(-(-n_steps * batch // X.shape[0]))])
+        model.train()
+        trainer.refresh_aux()
+        t0 = time.perf_counter()
+        for i in range(n_steps):
+            rows = X[order[i * batch:(i + 1) * batch]]
+            trainer.step(model.standardizer(torch.from_numpy(rows).to(device)))
+            if (i + 1) % self._train_cfg.log_every == 0:
+                trainer.refresh_aux()
+        model.eval()
+        result.train_seconds += time.perf_counter() - t0
+        result.rows_seen += n_steps * batch
+        result.steps += n_steps
+        self.result_ = result
+
+
+def _empty_result():
+    from flashsae.train.run import TrainResult
+
+    return TrainResult(metrics={}, train_seconds=0.0, rows_seen=0, steps=0, run_dir=None)
+
+
+def _as_tensor(X: np.ndarray, device=None) -> torch.Tensor:
+    a = np.ascontiguousarray(X, dtype=np.float32)
+    if not a.flags.writeable:  # torch.from_numpy warns on read-only memory (e.g. memmaps)
+        a = a.copy()
+    return torch.from_numpy(a).to(device) if device is not None else torch.from_numpy(a)
+
+
+@contextlib.contextmanager
+def _forked_rng(device: str):
+    """Run training without disturbing the caller's global torch random state."""
+    from flashsae.train.run import resolve_device
+
+    dev = resolve_device(str(device))
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield

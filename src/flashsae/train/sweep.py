@@ -1,0 +1,204 @@
+"""Grids of models: expand options with several values, train every point, tabulate and plot the trade-off.
+
+The grid and the artifacts (names, OUT/<name> run directories, sweep.csv, tradeoff.png) are kept
+apart from how the models are trained: `run_grid` hands the points to `train_each`, which trains
+them one after another with `train()`. A trainer that fits many SAEs on one data pass can take its
+place without touching the rest. Imports train.run, train.options, io and viz (lazily).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashsae import io
+from flashsae.config import DataConfig, TrainConfig
+from flashsae.errors import ConfigError
+from flashsae.train.options import ALIASES, split_options
+
+METRIC_COLUMNS = ("fvu", "fvu_standardized", "mse", "l0", "dead_fraction", "dense_fraction", "rows_per_s",
+                  "train_seconds")
+SHORT_NAMES = {"architecture": "arch", "d_sae": "latents"}
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]   # one per model: name, its options, metrics, run_dir (the rows of sweep.csv)
+    out: Path
+
+
+def expand_grid(axes: dict[str, list], fixed: dict | None = None) -> list[dict]:
+    """Cartesian product of `axes` (option -> values), each point completed with the `fixed` options.
+
+    Points are ordered like nested loops with the last axis varying fastest. Option names are
+    canonical (`arch` -> `architecture`, `latents` -> `d_sae`).
+
+    Raises:
+        ConfigError: an axis has no values, or an option is both an axis and fixed.
+    """
+    axes = {ALIASES.get(k, k): list(v) for k, v in axes.items()}
+    fixed = {ALIASES.get(k, k): v for k, v in (fixed or {}).items()}
+    for key, values in axes.items():
+        if not values:
+            raise ConfigError(f"grid option {key!r} has no values")
+        if key in fixed:
+            raise ConfigError(f"option {key!r} is given both as a grid axis and as a fixed value")
+    return [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+
+
+def varied_keys(grid: list[dict]) -> list[str]:
+    """Options whose value differs between points, in first-seen order."""
+    keys: list[str] = []
+    for point in grid:
+        keys += [k for k in point if k not in keys]
+    return [k for k in keys if len({repr(p.get(k)) for p in grid}) > 1]
+
+
+def point_names(grid: list[dict]) -> list[str]:
+    """Directory names for the points, from the options that vary: `k-8`, `arch-relu-l1_l1-0.1`."""
+    keys = varied_keys(grid)
+    names = ["_".join(f"{SHORT_NAMES.get(k, k).replace('_', '-')}-{_fmt_value(point.get(k))}" for k in keys)
+             or "model" for point in grid]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # equal names only when values format alike (1e-05 vs 1e-5)
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            names[i] = f"{name}_{seen[name]}"
+    return names
+
+
+def _fmt_value(v) -> str:
+    text = f"{v:g}" if isinstance(v, float) else str(v)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "none"
+
+
+def validate_grid(grid: list[dict]) -> None:
+    """Check every point's options before any model is trained (a typo fails in seconds, not hours)."""
+    if not grid:
+        raise ConfigError("the grid is empty")
+    for point in grid:
+        _, data_opts, train_opts, _ = split_options(point)
+        DataConfig(**data_opts)
+        TrainConfig(**train_opts)
+
+
+def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: bool = False,
+             tensorboard: bool = False, wandb: bool = False) -> SweepResult:
+    """Train one model per grid point into OUT/<name>; write OUT/sweep.csv and OUT/tradeoff.png.
+
+    Args:
+        data: what `train()` accepts (array, path or built-in name), shared by every point.
+        grid: one dict of `train()` options per model (see `expand_grid`).
+        out: sweep directory.
+        overwrite: replace existing model directories and tables in `out`.
+        quiet: no progress bars or summaries.
+        tensorboard, wandb: extra log sinks for every model (see `train()`).
+
+    Returns:
+        SweepResult with one row per model, in grid order.
+
+    Raises:
+        ConfigError: `out` exists and is not empty (without overwrite), or a grid point is invalid.
+    """
+    grid = [{ALIASES.get(k, k): v for k, v in point.items()} for point in grid]
+    validate_grid(grid)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    names = point_names(grid)
+    results = train_each(data, grid, [out / name for name in names], overwrite=overwrite, quiet=quiet,
+                         tensorboard=tensorboard, wandb=wandb)
+    keys = varied_keys(grid) or list(grid[0])
+    rows = [sweep_row(name, point, keys, metrics, run_dir)
+            for name, point, (metrics, run_dir) in zip(names, grid, results)]
+    write_artifacts(out, rows)
+    return SweepResult(rows, out)
+
+
+def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False, quiet: bool = False,
+          tensorboard: bool = False, wandb: bool = False, **options) -> SweepResult:
+    """Train a grid: `sweep("digits", "runs/sweep", grid={"k": [4, 8, 16]}, latents=256)`.
+
+    Every option in `grid` takes each of its values in turn (cartesian product); `options` are
+    shared by all models. See `run_grid` for what is written.
+    """
+    if out is None:
+        raise ConfigError("a sweep needs an output directory (out=...)")
+    return run_grid(data, expand_grid(grid, options), out, overwrite=overwrite, quiet=quiet,
+                    tensorboard=tensorboard, wandb=wandb)
+
+
+def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool, quiet: bool,
+               tensorboard: bool, wandb: bool) -> list[tuple[dict, Path]]:
+    """Train the grid's models one after another; return (held-out metrics, run directory) per point."""
+    from flashsae.train.run import train
+
+    results = []
+    for i, (point, run_dir) in enumerate(zip(grid, run_dirs)):
+        if not quiet:
+            print(f"[{i + 1}/{len(grid)}] {run_dir.name}", flush=True)
+        _, result = train(data, out=run_dir, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
+                          wandb=wandb, **point)
+        results.append((result.metrics, result.run_dir))
+    return results
+
+
+def sweep_row(name: str, point: dict, keys: list[str], metrics: dict, run_dir: Path) -> dict:
+    """One row of sweep.csv: name, the varied options, architecture and size as they ran, metrics."""
+    cfg = io.read_json(Path(run_dir) / io.CONFIG_FILE)
+    row = {"name": name}
+    row.update({k: point.get(k, "") for k in keys})
+    row.setdefault("architecture", cfg["architecture"])
+    row.setdefault("d_sae", cfg["model"]["d_sae"])
+    row.update({m: metrics.get(m, "") for m in METRIC_COLUMNS})
+    row["run_dir"] = Path(run_dir).name
+    return row
+
+
+def write_artifacts(out: Path, rows: list[dict]) -> None:
+    """sweep.csv (one row per model) and tradeoff.png (L0 against FVU, table beside)."""
+    from flashsae.viz import plots
+
+    write_table(Path(out) / io.SWEEP_TABLE_FILE, rows)
+    plots.tradeoff(rows, Path(out) / io.TRADEOFF_FILE)
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with io._atomic_path(Path(path)) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(v) for k, v in row.items()})
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else ""
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return v
+
+
+def read_table(path: Path) -> list[dict]:
+    """sweep.csv back as a list of dicts (numbers parsed where they parse)."""
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
