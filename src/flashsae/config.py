@@ -125,7 +125,7 @@ class TrainConfig:
     """CPU threads for PyTorch; None keeps PyTorch's default."""
 
     eval_every: int | None = None
-    """Steps between held-out evaluations (also the early-stopping check); None picks about 20 per run."""
+    """Steps between held-out evaluations (also the early-stopping check); None picks 10 per run, 0 only at the end."""
 
     patience: int = 0
     """Stop after this many held-out evaluations without improvement; 0 disables early stopping."""
@@ -135,9 +135,6 @@ class TrainConfig:
 
     checkpoint_every: int = 0
     """Steps between checkpoints for --resume; 0 writes one only when interrupted."""
-
-    stop_after_steps: int | None = None
-    """Stop after this many steps as if interrupted, leaving a checkpoint for --resume (testing aid)."""
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:

@@ -44,18 +44,19 @@ class _TopKEncode(torch.autograd.Function):
             g = torch.cat([g, torch.where(aux_values > 0, g_aux, 0)], dim=1)
             idx = torch.cat([idx, aidx], dim=1)
         flat_idx = idx.reshape(-1)
-        flat_g = g.reshape(-1).to(torch.float32)
+        acc = torch.promote_types(x_c.dtype, torch.float32)  # accumulate bf16 inputs in fp32
+        flat_g = g.reshape(-1).to(acc)
         d_sae = W_enc.shape[0]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, W_enc.to(g.dtype), per_sample_weights=g, mode="sum").to(x_c.dtype)
         if ctx.needs_input_grad[1]:
-            rows = x_c.to(torch.float32).repeat_interleave(idx.shape[1], dim=0)  # (batch*k, d_in)
-            grad_W = torch.zeros(W_enc.shape, dtype=torch.float32, device=W_enc.device)
+            rows = x_c.to(acc).repeat_interleave(idx.shape[1], dim=0)  # (batch*k, d_in)
+            grad_W = torch.zeros(W_enc.shape, dtype=acc, device=W_enc.device)
             grad_W.index_add_(0, flat_idx, rows.mul_(flat_g.unsqueeze(1)))
             grad_W = grad_W.to(W_enc.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(d_sae, dtype=torch.float32, device=W_enc.device)
+            grad_b = torch.zeros(d_sae, dtype=acc, device=W_enc.device)
             grad_b = grad_b.index_add_(0, flat_idx, flat_g).to(W_enc.dtype)
         return grad_x, grad_W, grad_b, None, None, None
 

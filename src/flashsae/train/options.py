@@ -7,7 +7,7 @@ from flashsae import models
 from flashsae.config import DataConfig, TrainConfig
 from flashsae.errors import ConfigError
 
-ALIASES = {"latents": "d_sae", "arch": "architecture"}
+ALIASES = {"latents": "d_sae", "arch": "architecture", "n_rows": "rows"}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 

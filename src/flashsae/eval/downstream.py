@@ -1,0 +1,243 @@
+"""Downstream evaluation: splice an SAE's reconstruction into a transformers model at the hooked module.
+
+Three forward passes per batch of contexts: clean; *spliced*, with the hooked module's output
+replaced by the SAE reconstruction; and *zero-ablated*, with that output replaced by zeros. Only
+the positions the SAE was trained on are replaced (special tokens keep their clean activations
+unless `keep_special`). Causal language models (class names ending in ForCausalLM or LMHeadModel)
+report next-token cross-entropy and the KL divergence of the next-token distributions from the
+clean ones; the fraction of loss recovered is (zero - spliced) / (zero - clean). Other models
+(BERT-style encoders) report the cosine similarity and MSE of the final hidden states, and the
+cosine of the mean-pooled embedding, spliced vs clean and zero-ablated vs clean.
+Imports `data` and `errors`; never imports train or cli.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from flashsae.data import activations as A
+from flashsae.data.corpus import iter_contexts
+from flashsae.errors import ConfigError, DataError
+
+
+@torch.no_grad()
+def reconstruct(sae, x: Tensor) -> Tensor:
+    """The SAE's reconstruction of raw activation rows x (rows, d_in), in x's units and dtype."""
+    x32 = x.float()
+    x_hat = sae.standardizer.inverse(sae(sae.standardizer(x32)).x_hat)
+    return x_hat.to(x.dtype)
+
+
+@contextlib.contextmanager
+def splice(module, state: dict):
+    """While active, `module`'s output at positions state["mask"] (batch, seq) becomes state["fn"](rows).
+
+    state["fn"] None leaves the output alone (the clean pass) and keeps it in state["clean"].
+    """
+    def hook(mod, inputs, output):
+        fn = state.get("fn")
+        h = A.module_output(output)
+        if fn is None:
+            state["clean"] = h
+            return None
+        new = h.clone()
+        mask = state["mask"]
+        new[mask] = fn(h[mask])
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+@torch.no_grad()
+def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 4096, context: int = 128,
+                       batch: int = 8, keep_special: bool = False, start_context: int = 0,
+                       progress: bool = False) -> dict:
+    """Metrics of splicing `sae` into `model` at `hook` over about `rows` token positions of `text`.
+
+    Args:
+        sae: a flashsae model whose d_in is the hooked module's width.
+        model, tokenizer: from `flashsae.data.activations.load_lm`.
+        hook: module name as in `model.named_modules()`.
+        text: corpus path; contexts are cut as in `flashsae harvest`.
+        rows: token positions to evaluate (rounded up to whole contexts).
+        start_context: skip this many contexts first (e.g. those a harvest trained on).
+
+    Raises:
+        DataError: the SAE's width does not match the module, or the corpus has no contexts left.
+    """
+    module = A.find_module(model, hook)
+    device = next(model.parameters()).device
+    sae = sae.to(device).eval()
+    specials = torch.as_tensor(A.special_ids(tokenizer), dtype=torch.long, device=device)
+    causal = is_causal_lm(model)
+    n_contexts = max(1, math.ceil(rows / context))
+    acc = _Sums()
+    state: dict = {}
+    from tqdm.auto import tqdm
+
+    with splice(module, state), tqdm(total=n_contexts, unit="contexts", desc="downstream",
+                                     disable=not progress) as bar:
+        for ids in _batches(text, tokenizer, context, start_context, n_contexts, batch):
+            ids = torch.from_numpy(ids).to(device)
+            state["mask"] = torch.ones_like(ids, dtype=torch.bool) if keep_special else ~torch.isin(ids, specials)
+            state["fn"] = None
+            clean = _outputs(model, ids, causal)
+            x = state.pop("clean")[state["mask"]]
+            if x.shape[-1] != sae.d_in:
+                raise DataError(f"module {hook!r} outputs width {x.shape[-1]} but the SAE expects {sae.d_in}")
+            acc.add_hook(x, reconstruct(sae, x), sae.encode(x.float()))
+            state["fn"] = lambda h: reconstruct(sae, h)
+            spliced = _outputs(model, ids, causal)
+            state["fn"] = torch.zeros_like
+            zeroed = _outputs(model, ids, causal)
+            if causal:
+                acc.add_lm(ids, clean, spliced, zeroed)
+            else:
+                acc.add_encoder(clean, spliced, zeroed)
+            acc.contexts += ids.shape[0]
+            acc.positions += int(state["mask"].sum())
+            bar.update(ids.shape[0])
+    if acc.contexts == 0:
+        raise DataError(f"corpus {text} has no contexts after the first {start_context}; "
+                        "evaluate on another corpus or skip fewer contexts")
+    return acc.result(causal)
+
+
+def provenance(run_config: dict) -> dict:
+    """Where a run's activations came from: model, hook, context, keep_special, text, next_context.
+
+    From config.json's data_stats.activations (trained on the fly) or from the manifest of the
+    harvest directory it was trained on, if that still exists; {} when unknown.
+    """
+    streamed = (run_config.get("data_stats") or {}).get("activations")
+    if streamed:
+        return {k: streamed.get(k) for k in ("model", "hook", "context", "keep_special", "text")}
+    data = (run_config.get("data") or {}).get("data")
+    if not isinstance(data, str) or not (Path(data) / A.MANIFEST_FILE).is_file():
+        return {}
+    m = A.read_manifest(data)
+    return {"model": m.get("model_path") or m.get("model"), "hook": m.get("hook"), "context": m.get("context"),
+            "keep_special": m.get("keep_special"), "text": m.get("text"), "next_context": m.get("next_context")}
+
+
+def evaluate_downstream(sae, *, text, model: str | None = None, hook: str | None = None, rows: int = 4096,
+                        context: int | None = None, batch: int = 8, skip_contexts: int | None = None,
+                        device: str = "auto", progress: bool = False) -> dict:
+    """`downstream_metrics` with defaults from the run's provenance (see `provenance`).
+
+    Without `skip_contexts`, evaluating on the corpus a harvest was cut from starts after the
+    contexts it harvested, so the contexts are held out.
+
+    Raises:
+        ConfigError: the model or hook is neither given nor recorded by the run.
+    """
+    prov = provenance(getattr(sae, "run_config", None) or {})
+    model, hook = model or prov.get("model"), hook or prov.get("hook")
+    if not model or not hook:
+        raise ConfigError("--model and --hook are needed: the run does not record which model and module "
+                          "its activations came from")
+    context = context or prov.get("context") or 128
+    if skip_contexts is None:
+        same_text = prov.get("text") and Path(prov["text"]).resolve() == Path(text).resolve()
+        skip_contexts = int(prov.get("next_context") or 0) if same_text else 0
+    lm, tokenizer = A.load_lm(model, device=A.device_of(device))
+    metrics = downstream_metrics(sae, lm, tokenizer, hook, text, rows=rows, context=context, batch=batch,
+                                 keep_special=bool(prov.get("keep_special")), start_context=skip_contexts,
+                                 progress=progress)
+    return {"model": str(model), "hook": hook, "text": str(text), "context": context,
+            "start_context": skip_contexts, **metrics}
+
+
+def _batches(text, tokenizer, context: int, start: int, n: int, batch: int) -> Iterator[np.ndarray]:
+    group = []
+    for i, ctx in enumerate(iter_contexts(text, tokenizer, context, start=start)):
+        if i >= n:
+            break
+        group.append(ctx)
+        if len(group) == batch:
+            yield np.stack(group)
+            group = []
+    if group:
+        yield np.stack(group)
+
+
+def _outputs(model, ids: Tensor, causal: bool) -> Tensor:
+    """Next-token logits (causal LMs) or final hidden states (batch, seq, ·), float32."""
+    if causal:
+        return model(input_ids=ids).logits.float()
+    out = model(input_ids=ids, output_hidden_states=True)
+    hidden = getattr(out, "last_hidden_state", None)
+    return (hidden if hidden is not None else out.hidden_states[-1]).float()
+
+
+class _Sums:
+    """float64 running sums of every metric."""
+
+    def __init__(self):
+        self.contexts = self.positions = 0
+        self.s: dict[str, float] = {}
+        self.sum_x = 0.0  # (d_in,) float64 after the first batch
+
+    def _add(self, **kw) -> None:
+        for k, v in kw.items():
+            self.s[k] = self.s.get(k, 0.0) + float(v)
+
+    def add_hook(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self._add(sse=(x - x_hat).pow(2).sum(), sum_x2=x.pow(2).sum(), rows=x.shape[0], l0=(codes != 0).sum())
+        self.sum_x = self.sum_x + x.sum(0)
+
+    def add_lm(self, ids: Tensor, clean: Tensor, spliced: Tensor, zeroed: Tensor) -> None:
+        target = ids[:, 1:].reshape(-1)
+        logp = [F.log_softmax(t[:, :-1].reshape(-1, t.shape[-1]).double(), -1) for t in (clean, spliced, zeroed)]
+        nll = [-lp.gather(1, target[:, None]).sum() for lp in logp]
+        p_clean = logp[0].exp()
+        kl = [(p_clean * (logp[0] - lp)).sum() for lp in logp[1:]]
+        self._add(tokens=target.numel(), nll_clean=nll[0], nll_spliced=nll[1], nll_zero=nll[2],
+                  kl_spliced=kl[0], kl_zero=kl[1])
+
+    def add_encoder(self, clean: Tensor, spliced: Tensor, zeroed: Tensor) -> None:
+        c = clean.double()
+        pooled_c = c.mean(1)
+        sums = {"tokens": c.shape[0] * c.shape[1]}
+        for name, t in (("spliced", spliced.double()), ("zero", zeroed.double())):
+            sums[f"cos_{name}"] = F.cosine_similarity(t, c, dim=-1).sum()
+            sums[f"se_{name}"] = (t - c).pow(2).mean(-1).sum()
+            sums[f"pooled_{name}"] = F.cosine_similarity(t.mean(1), pooled_c, dim=-1).sum()
+        self._add(**sums)
+
+    def result(self, causal: bool) -> dict:
+        s = self.s
+        n_rows = max(s["rows"], 1)
+        var = s["sum_x2"] - float(torch.as_tensor(self.sum_x).pow(2).sum()) / n_rows
+        out = {"kind": "causal-lm" if causal else "encoder", "contexts": self.contexts,
+               "spliced_positions": self.positions,
+               "hook_fvu": s["sse"] / max(var, 1e-30), "hook_l0": s["l0"] / n_rows}
+        n = max(s["tokens"], 1)
+        if causal:
+            clean, spliced, zero = (s[f"nll_{k}"] / n for k in ("clean", "spliced", "zero"))
+            gap = zero - clean
+            out.update(loss_clean=clean, loss_spliced=spliced, loss_zero=zero,
+                       loss_recovered=(zero - spliced) / gap if abs(gap) > 1e-12 else None,
+                       kl_spliced=s["kl_spliced"] / n, kl_zero=s["kl_zero"] / n)
+        else:
+            out.update(hidden_cosine=s["cos_spliced"] / n, hidden_mse=s["se_spliced"] / n,
+                       pooled_cosine=s["pooled_spliced"] / self.contexts,
+                       hidden_cosine_zero=s["cos_zero"] / n, hidden_mse_zero=s["se_zero"] / n,
+                       pooled_cosine_zero=s["pooled_zero"] / self.contexts)
+        return out

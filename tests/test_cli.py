@@ -1,0 +1,188 @@
+"""The command line end to end, and every user error: one line on stderr, exit code 2, nothing written."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from flashsae.cli import main
+
+FAST = ["--latents", "32", "--k", "3", "--rows", "4096", "--batch-size", "128", "--quiet", "--threads", "1"]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def npy_file(tmp_path_factory):
+    from flashsae.data import make_synthetic
+
+    X, _ = make_synthetic(rows=3000, d=16, atoms=24, active=2, noise=0.01, seed=3)
+    path = tmp_path_factory.mktemp("data") / "x.npy"
+    np.save(path, X)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, npy_file):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", str(npy_file), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_train_evaluate_encode_decode_info(trained, npy_file, tmp_path, capsys):
+    code, out, _ = run_cli(["evaluate", trained, npy_file, "--json"], capsys)
+    assert code == 0
+    metrics = json.loads(out)
+    assert metrics["rows"] == 3000 and metrics["fvu"] < 0.9 and metrics["l0"] <= 3
+    assert (trained / "evaluation.json").exists()
+
+    codes_path = tmp_path / "codes.npz"
+    code, _, _ = run_cli(["encode", trained, npy_file, "--out", codes_path, "--quiet"], capsys)
+    assert code == 0
+    codes = sp.load_npz(codes_path)
+    assert codes.shape == (3000, 32) and codes.getnnz(axis=1).max() <= 3
+
+    recon = tmp_path / "x_hat.npy"
+    code, _, _ = run_cli(["decode", trained, codes_path, "--out", recon, "--quiet"], capsys)
+    assert code == 0
+    X, X_hat = np.load(npy_file), np.load(recon)
+    fvu = ((X - X_hat) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    assert abs(fvu - metrics["fvu"]) < 1e-3
+
+    code, out, _ = run_cli(["info", trained], capsys)
+    assert code == 0 and "topk sparse autoencoder" in out and "latents 32" in out and "fvu" in out
+
+
+def test_module_entry_point_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flashsae", "train", "synthetic", "--synthetic-rows", "3000",
+                           "--synthetic-d", "8", "--synthetic-atoms", "12", "--out", str(tmp_path / "s"), *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert "recovery" in metrics and 0 < metrics["recovery"] <= 1
+
+
+def _expect_error(args, capsys, match, tmp_out=None):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("flashsae: error: "), err
+    assert match in lines[0], lines[0]
+    if tmp_out is not None:
+        assert not tmp_out.exists() and not tmp_out.with_name(tmp_out.name + ".partial").exists()
+
+
+def test_missing_file(tmp_path, capsys):
+    _expect_error(["train", tmp_path / "nope.npy", "--out", tmp_path / "o", *FAST], capsys, "no such file",
+                  tmp_path / "o")
+
+
+def test_unknown_extension(tmp_path, capsys):
+    f = tmp_path / "data.xyz"
+    f.write_text("1,2\n")
+    _expect_error(["train", f, "--out", tmp_path / "o", *FAST], capsys, "unsupported", tmp_path / "o")
+
+
+def test_csv_with_non_numeric_cell(tmp_path, capsys):
+    f = tmp_path / "t.csv"
+    rows = ["a,b,c"] + [f"{i},{i * 2},{i % 3}" for i in range(300)]
+    rows[42] = "41,oops,2"
+    f.write_text("\n".join(rows) + "\n")
+    code, _, err = run_cli(["train", f, "--out", tmp_path / "o", *FAST], capsys)
+    assert code == 2 and "line 43" in err and "'b'" in err and "oops" in err
+
+
+def test_nan_rows_are_counted_and_can_be_dropped(tmp_path, capsys, npy_file):
+    X = np.load(npy_file)
+    X[[5, 17, 99]] = np.nan
+    X[200, 3] = np.inf
+    f = tmp_path / "nan.npy"
+    np.save(f, X)
+    _expect_error(["train", f, "--out", tmp_path / "o", *FAST], capsys, "4 of 3000 rows contain NaN or Inf",
+                  tmp_path / "o")
+    code, _, _ = run_cli(["train", f, "--out", tmp_path / "o", "--drop-nonfinite", *FAST], capsys)
+    assert code == 0
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["data_stats"]["nonfinite_dropped"] == 4
+
+
+def test_empty_file(tmp_path, capsys):
+    f = tmp_path / "e.csv"
+    f.write_text("")
+    _expect_error(["train", f, "--out", tmp_path / "o", *FAST], capsys, "empty", tmp_path / "o")
+
+
+def test_fewer_rows_than_one_batch(tmp_path, capsys):
+    f = tmp_path / "few.npy"
+    np.save(f, np.random.rand(50, 4).astype(np.float32))
+    _expect_error(["train", f, "--out", tmp_path / "o", *FAST], capsys, "fewer than one batch of 128",
+                  tmp_path / "o")
+
+
+def test_k_larger_than_latents(tmp_path, capsys, npy_file):
+    _expect_error(["train", npy_file, "--out", tmp_path / "o", *FAST, "--k", "64"], capsys,
+                  "k (64) must not exceed the number of latents (32)", tmp_path / "o")
+
+
+@pytest.mark.parametrize("flag,value,match", [("--latents", "0", "d_sae must be >= 1"),
+                                              ("--batch-size", "-3", "batch_size must be >= 1"),
+                                              ("--rows", "0", "rows must be >= 1"),
+                                              ("--lr", "-1", "lr must be > 0")])
+def test_non_positive_sizes(tmp_path, capsys, npy_file, flag, value, match):
+    _expect_error(["train", npy_file, "--out", tmp_path / "o", *FAST, flag, value], capsys, match, tmp_path / "o")
+
+
+def test_option_of_another_architecture(tmp_path, capsys, npy_file):
+    _expect_error(["train", npy_file, "--out", tmp_path / "o", "--arch", "relu-l1", "--k", "4"], capsys,
+                  "option 'k' applies to batchtopk, topk, not to architecture 'relu-l1'", tmp_path / "o")
+
+
+def test_existing_output_without_overwrite(trained, npy_file, capsys):
+    before = (trained / "model.safetensors").read_bytes()
+    _expect_error(["train", npy_file, "--out", trained, *FAST], capsys, "already exists; pass --overwrite")
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_width_mismatch_at_encode(trained, tmp_path, capsys):
+    f = tmp_path / "narrow.npy"
+    np.save(f, np.zeros((10, 5), np.float32))
+    _expect_error(["encode", trained, f, "--out", tmp_path / "c.npz"], capsys,
+                  "has 5 columns but the model expects 16")
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_run_dir_problems(trained, tmp_path, capsys, npy_file):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "config.json").write_text("{")
+    _expect_error(["evaluate", broken, npy_file], capsys, "config.json is corrupt")
+    (broken / "config.json").unlink()
+    _expect_error(["info", broken], capsys, "config.json is missing")
+    shutil.copytree(trained, tmp_path / "future")
+    cfg = json.loads((tmp_path / "future" / "config.json").read_text())
+    cfg["format_version"] = 7
+    (tmp_path / "future" / "config.json").write_text(json.dumps(cfg))
+    _expect_error(["info", tmp_path / "future"], capsys, "format_version 7")
+
+
+def test_bad_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", "x", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_help_lists_generated_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--latents", "--k", "--l1", "--beta", "--contractive", "--encoder-hidden", "--standardize",
+                 "--drop-nonfinite", "--checkpoint-every", "--resume", "examples:"):
+        assert flag in out
