@@ -12,8 +12,8 @@ from flashsae.models import ForwardOutput, SparseCodes, build, names  # noqa: E4
 from flashsae.models import SparseAutoencoder as SAEModule  # noqa: E402
 from flashsae.train.run import TrainResult, train  # noqa: E402
 
-__all__ = ["train", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes", "ForwardOutput", "TrainResult",
-           "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]
+__all__ = ["train", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes", "ForwardOutput",
+           "TrainResult", "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]
 
 
 def __getattr__(name: str):

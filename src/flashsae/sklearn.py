@@ -49,7 +49,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     n_components : int, default=None
         Number of latents (dictionary atoms); None picks 8 * n_features.
     k : int, default=None
-        Active latents per row (topk, batchtopk); None uses the library default (8).
+        Active latents per row during training (topk, batchtopk). None uses the library default
+        (8, at most n_components), or with ``transform_algorithm="omp"`` half of
+        ``transform_n_nonzero_coefs``: atoms trained with sparser codes serve OMP better
+        (held-out FVU of 8-atom OMP codes on scikit-learn's digits, 256 atoms, 50 epochs: 0.083
+        trained at k=4, 0.092 at k=8).
     l1 : float, default=None
         L1 penalty weight (relu-l1).
     beta : float, default=None
@@ -73,8 +77,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         training rows, so any number of rows can be fitted.
     lr : float, default=None
         Adam learning rate; None scales it with n_components.
-    standardize : {"column", "global", "norm", "none"}, default="column"
-        Standardisation fitted on the training rows.
+    standardize : {"global", "column", "norm", "none"}, default="global"
+        Standardisation fitted on the training rows. "global" centres each feature and divides
+        all by one scale, so the training loss is proportional to the squared error in data
+        units that `score` reports, as for PCA; put a ``StandardScaler`` before the estimator to
+        weigh features equally (or use "column").
     val_fraction : float, default=0.0
         Fraction of rows held out from training for the evaluation in ``result_.metrics``.
     transform_algorithm : {"encoder", "omp"}, default="encoder"
@@ -123,7 +130,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     def __init__(self, architecture="topk", n_components=None, *, k=None, l1=None, beta=None, rho=None,
                  contractive=None, l0=None, encoder_hidden=(), decoder_hidden=(), epochs=None,
-                 batch_size=None, lr=None, standardize="column", val_fraction=0.0,
+                 batch_size=None, lr=None, standardize="global", val_fraction=0.0,
                  transform_algorithm="encoder", transform_n_nonzero_coefs=None, sparse_output=False,
                  verbose=False, random_state=None, device="auto"):
         self.architecture = architecture
@@ -167,7 +174,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._check_transform_params()
         from flashsae.train.run import train
 
-        options = self._train_options(X.shape[0], self._seed())
+        options = self._train_options(*X.shape, self._seed())
         with _forked_rng(self.device):
             model, result = train(np.asarray(X, dtype=np.float32), quiet=not self.verbose, **options)
         self.model_ = model
@@ -200,7 +207,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             self._check_transform_params()
             self._start_partial(X)
         if getattr(self, "_trainer", None) is None:
-            self._trainer = self._make_trainer(X.shape[0])
+            self._trainer = self._make_trainer(X)
         self._run_steps(X)
         return self
 
@@ -312,7 +319,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return int(self.random_state)
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
-    def _train_options(self, n_rows: int, seed: int) -> dict:
+    def _train_options(self, n_rows: int, n_features: int, seed: int) -> dict:
         """Keyword options of `train()`: only those set, and only those the architecture has."""
         from flashsae.train.options import model_fields
         from flashsae.train.run import _auto_batch
@@ -331,6 +338,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         for name in _MODEL_OPTIONS:
             if getattr(self, name) is not None and name in relevant:
                 options[name] = getattr(self, name)
+        if self.k is None and "k" in relevant:
+            # An unset k never exceeds the number of latents, so any n_components fits.
+            d_sae = self.n_components if self.n_components is not None else 8 * n_features
+            k = self._n_nonzero() // 2 if self.transform_algorithm == "omp" else _field_default(self.architecture, "k")
+            options["k"] = max(1, min(k, d_sae))
         n_val = int(round(self.val_fraction * n_rows)) if 0 <= self.val_fraction < 1 else 0
         n_train = max(1, n_rows - n_val)
         options["batch_size"] = min(self.batch_size or _auto_batch(n_train), n_train)
@@ -379,7 +391,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         from flashsae.train.run import _init_b_dec, resolve_device
 
         seed = self._seed()
-        architecture, data_opts, train_opts, model_opts = split_options(self._train_options(X.shape[0], seed))
+        architecture, data_opts, train_opts, model_opts = split_options(self._train_options(*X.shape, seed))
         data_cfg = DataConfig(**{**data_opts, "data": "<array>"})
         train_cfg = TrainConfig(**train_opts)
         source = open_source(X)
@@ -395,27 +407,26 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._trainer = None
         self.result_ = _empty_result()
 
-    def _make_trainer(self, n_rows: int):
+    def _make_trainer(self, X: np.ndarray):
         from flashsae.config import TrainConfig
+        from flashsae.train.options import split_options
         from flashsae.train.trainer import Trainer
 
-        if getattr(self, "_train_cfg", None) is not None:
-            cfg = self._train_cfg
-        else:  # continuing a model trained by fit()
-            options = self._train_options(n_rows, self._seed())
-            from flashsae.train.options import split_options
-
-            cfg = TrainConfig(**split_options(options)[2])
+        cfg = getattr(self, "_train_cfg", None)
+        if cfg is None:  # continuing a model trained by fit()
+            cfg = TrainConfig(**split_options(self._train_options(*X.shape, self._seed()))[2])
         # Constant learning rate and full sparsity weight: the number of future calls is unknown.
         cfg = dataclasses.replace(cfg, lr_warmup=0.0, lr_decay="none", sparsity_warmup=0.0)
         self._train_cfg = cfg
-        batch = cfg.batch_size
-        return Trainer(self.model_, cfg, total_steps=1, dead_after_rows=max(batch, min(10_000_000, 10 * n_rows)))
+        return Trainer(self.model_, cfg, total_steps=1,
+                       dead_after_rows=max(cfg.batch_size, min(10_000_000, 10 * X.shape[0])))
 
     def _run_steps(self, X: np.ndarray) -> None:
+        from flashsae.train.run import _auto_batch
+
         trainer, model = self._trainer, self.model_
         device = model.W_dec.device
-        batch = min(self._train_cfg.batch_size, X.shape[0])
+        batch = min(self.batch_size or _auto_batch(X.shape[0]), X.shape[0])
         passes = self.epochs if self.epochs is not None else 1
         n_steps = max(1, int(passes * X.shape[0]) // batch)
         # Held-out metrics of an earlier fit no longer describe the model once it trains on.
@@ -435,6 +446,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         result.rows_seen += n_steps * batch
         result.steps += n_steps
         self.result_ = result
+
+
+def _field_default(architecture: str, name: str):
+    from flashsae import models
+
+    return {f.name: f.default for f in dataclasses.fields(models.get(architecture).config_cls)}[name]
 
 
 def _empty_result():
