@@ -17,6 +17,10 @@ SUBCOMMANDS = {
     "info": "flashsae.cli.info",
     "sweep": "flashsae.cli.sweep",
     "report": "flashsae.cli.report",
+    "harvest": "flashsae.cli.harvest",
+    "browse": "flashsae.cli.browse",
+    "export": "flashsae.cli.export",
+    "import": "flashsae.cli.import_",
 }
 
 

@@ -26,6 +26,9 @@ class _SeveralValues:
     def add_argument(self, *flags, **kwargs):
         if "nargs" not in kwargs and kwargs.get("action") is None:
             kwargs["nargs"] = "+"
+            if "choices" in kwargs:
+                kwargs.setdefault("metavar", "NAME")  # the choices are listed in the help text instead
+                kwargs["help"] = f"{kwargs.get('help', '')}; one or more of: {', '.join(kwargs['choices'])}"
             self.grid_dests.add(kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_"))
         return self.group.add_argument(*flags, **kwargs)
 
@@ -48,7 +51,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flashsae import io
     from flashsae.cli.common import print_json
-    from flashsae.train.sweep import expand_grid, run_grid
+    from flashsae.train.sweep import run_grid
+
+    result = run_grid(args.data, grid_from_args(args), args.out, overwrite=args.overwrite,
+                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb)
+    if not result.rows:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
+    if args.json:
+        print_json({"out": str(result.out), "models": result.rows})
+    elif not args.quiet:
+        print(format_table(result.rows))
+        print(f"wrote {len(result.rows)} models, {result.out / io.SWEEP_TABLE_FILE} and {result.out / io.TRADEOFF_FILE}")
+    return 0
+
+
+def grid_from_args(args: argparse.Namespace) -> list[dict]:
+    """The grid of train() options: options given several values are axes, the rest are shared."""
+    from flashsae.train.sweep import expand_grid
 
     skip = {"data", "out", "overwrite", "quiet", "json", "tensorboard", "wandb", "command", "_module", "_grid_dests"}
     axes, fixed = {}, {}
@@ -59,14 +78,7 @@ def run(args: argparse.Namespace) -> int:
             axes[key] = value
         else:
             fixed[key] = value[0] if key in args._grid_dests else value
-    result = run_grid(args.data, expand_grid(axes, fixed), args.out, overwrite=args.overwrite,
-                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb)
-    if args.json:
-        print_json({"out": str(result.out), "models": result.rows})
-    elif not args.quiet:
-        print(format_table(result.rows))
-        print(f"wrote {len(result.rows)} models, {result.out / io.SWEEP_TABLE_FILE} and {result.out / io.TRADEOFF_FILE}")
-    return 0
+    return expand_grid(axes, fixed)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashsae import io
+import torch
+
+from flashsae import distributed, io
 from flashsae.config import DataConfig, TrainConfig
 from flashsae.errors import ConfigError
 from flashsae.train.options import ALIASES, split_options
@@ -22,6 +24,9 @@ from flashsae.train.options import ALIASES, split_options
 METRIC_COLUMNS = ("fvu", "fvu_standardized", "mse", "l0", "dead_fraction", "dense_fraction", "rows_per_s",
                   "train_seconds")
 SHORT_NAMES = {"architecture": "arch", "d_sae": "latents"}
+# Under torchrun the ranks of a sweep wait for each other only at the end, after training models of
+# different sizes; gloo notices a dead rank at once, so this bounds only a rank that hangs.
+SWEEP_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -86,8 +91,12 @@ def validate_grid(grid: list[dict]) -> None:
 
 
 def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: bool = False,
-             tensorboard: bool = False, wandb: bool = False) -> SweepResult:
+             tensorboard: bool = False, wandb: bool = False, comm: distributed.Comm | None = None) -> SweepResult:
     """Train one model per grid point into OUT/<name>; write OUT/sweep.csv and OUT/tradeoff.png.
+
+    Under torchrun the points are shared out: rank r of W trains points r, r + W, ... alone (on
+    GPU LOCAL_RANK when there are GPUs), then rank 0 reads every model's metrics.json and writes
+    the table and the plot; the other ranks return an empty SweepResult.
 
     Args:
         data: what `train()` accepts (array, path or built-in name), shared by every point.
@@ -96,6 +105,7 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
         overwrite: replace existing model directories and tables in `out`.
         quiet: no progress bars or summaries.
         tensorboard, wandb: extra log sinks for every model (see `train()`).
+        comm: the ranks to share the grid between; None joins torchrun's when WORLD_SIZE > 1.
 
     Returns:
         SweepResult with one row per model, in grid order.
@@ -110,10 +120,21 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
         raise ConfigError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it")
+    comm = comm if comm is not None else distributed.from_env(SWEEP_TIMEOUT_S, gpu_collectives=False)
+    comm.barrier()  # every rank has checked `out` before any rank writes into it
     out.mkdir(parents=True, exist_ok=True)
     names = point_names(grid)
-    results = train_each(data, grid, [out / name for name in names], overwrite=overwrite, quiet=quiet,
-                         tensorboard=tensorboard, wandb=wandb)
+    mine = list(range(comm.rank, len(grid), comm.world_size))
+    if torch.cuda.is_available():
+        comm.device(torch.device("cuda"))  # this rank's GPU becomes the default "cuda"
+    trained = train_each(data, [grid[i] for i in mine], [out / names[i] for i in mine], overwrite=overwrite,
+                         quiet=quiet or not comm.is_main(), tensorboard=tensorboard, wandb=wandb)
+    comm.barrier()  # every model is written
+    if not comm.is_main():
+        return SweepResult([], out)
+    done = dict(zip(mine, trained))
+    results = [done.get(i) or (io.read_json(out / names[i] / io.METRICS_FILE), out / names[i])
+               for i in range(len(grid))]
     keys = varied_keys(grid) or list(grid[0])
     rows = [sweep_row(name, point, keys, metrics, run_dir)
             for name, point, (metrics, run_dir) in zip(names, grid, results)]
@@ -144,7 +165,7 @@ def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool,
         if not quiet:
             print(f"[{i + 1}/{len(grid)}] {run_dir.name}", flush=True)
         _, result = train(data, out=run_dir, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
-                          wandb=wandb, **point)
+                          wandb=wandb, comm=distributed.LOCAL, **point)
         results.append((result.metrics, result.run_dir))
     return results
 

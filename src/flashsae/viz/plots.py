@@ -19,10 +19,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, *, trim: bool = True) -> None:
+    """Write a PNG atomically; trim=False skips the extra layout pass of bbox_inches="tight"."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight" if trim else None)
     tmp.replace(path)
 
 
@@ -49,7 +50,7 @@ def training_curves(history: list[dict], path: Path) -> None:
         ax.set_xlabel("rows seen", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, trim=False)  # tight_layout has already fitted the panels
     plt.close(fig)
 
 

@@ -27,6 +27,7 @@ th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; vertic
 th { background: #f4f4f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .85rem; }
+.wide { overflow-x: auto; max-width: 100%; }
 .cfg { display: flex; flex-wrap: wrap; gap: 1.5rem; } .cfg table { min-width: 260px; }
 footer { margin-top: 3rem; color: #888; font-size: .8rem; }
 """
@@ -131,10 +132,10 @@ def _sweep_body(path: Path) -> list[str]:
     for row in rows:
         columns += [c for c in row if c not in columns]
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    lines = [f'<table id="sweep"><thead><tr>{head}</tr></thead><tbody>']
+    lines = [f'<div class="wide"><table id="sweep"><thead><tr>{head}</tr></thead><tbody>']
     for row in rows:
         lines.append("<tr>" + "".join(_cell(row.get(c, "")) for c in columns) + "</tr>")
-    lines.append("</tbody></table>")
+    lines.append("</tbody></table></div>")
     body.append("\n".join(lines))
     return body
 

@@ -1,0 +1,109 @@
+"""HTML of the latent browser: an index with a search box and one page per latent. Pure string building.
+
+Pages are self-contained (inline CSS, inline JavaScript on the index, histograms as inline SVG) so
+the site works from the file system with no server and no network. Every text that comes from
+data or a tokenizer is escaped. Imports nothing from flashsae.
+"""
+from __future__ import annotations
+
+import html
+import json
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; }
+td.tok, th.tok { text-align: left; font-family: monospace; }
+tr:nth-child(even) { background: #f6f6f6; }
+.ctx { font-family: monospace; white-space: pre-wrap; margin: 4px 0; padding: 4px; border-bottom: 1px solid #eee; }
+.tok { border-radius: 2px; }
+.center { outline: 1px solid #333; }
+.val { color: #666; display: inline-block; width: 5em; }
+input#search { font-size: 1em; padding: 4px; width: 22em; margin-bottom: 1em; }
+"""
+
+_SEARCH_JS = """
+var box = document.getElementById('search');
+function filter() {
+  var q = box.value.trim().toLowerCase();
+  document.querySelectorAll('#latents tbody tr').forEach(function (tr) {
+    var hit = !q || tr.dataset.id === q || tr.dataset.token.toLowerCase().indexOf(q) >= 0;
+    tr.style.display = hit ? '' : 'none';
+  });
+}
+box.addEventListener('input', filter);
+box.value = new URLSearchParams(location.search).get('q') || '';  // index.html?q=the opens filtered
+filter();
+"""
+
+
+def page_name(latent: int) -> str:
+    return f"latent-{latent:05d}.html"
+
+
+def _doc(title: str, body: str, script: str = "") -> str:
+    js = f"<script>{script}</script>" if script else ""
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{body}{js}</body></html>\n")
+
+
+def _show(token: str) -> str:
+    """A token as visible text: newlines and tabs as symbols, then escaped."""
+    return html.escape(token.replace("\n", "\u21b5").replace("\t", "\u21e5"))
+
+
+def index_page(pages, *, run: str, acts: str, n_rows: int, d_sae: int, dead: int) -> str:
+    rows = []
+    for p in pages:
+        rows.append(f"<tr data-id='{p.latent}' data-token='{html.escape(p.top_token, quote=True)}'>"
+                    f"<td><a href='{page_name(p.latent)}'>{p.latent}</a></td>"
+                    f"<td>{p.frequency:.4%}</td><td>{p.mean_activation:.3g}</td><td>{p.max_activation:.3g}</td>"
+                    f"<td class='tok'>{_show(p.top_token)}</td></tr>")
+    body = (f"<h1>Latents of {html.escape(run)}</h1>"
+            f"<p>{d_sae} latents ({dead} never fire) over {n_rows:,} rows of {html.escape(acts)}; "
+            f"{len(pages)} have pages below.</p>"
+            "<input id='search' type='search' placeholder='filter by latent id or top token'>"
+            "<table id='latents'><thead><tr><th>latent</th><th>firing frequency</th><th>mean activation</th>"
+            "<th>max activation</th><th class='tok'>top token</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+    return _doc(f"flashsae latents: {run}", body, _SEARCH_JS)
+
+
+def latent_page(p, *, run: str, n_rows: int) -> str:
+    parts = [f"<p><a href='index.html'>all latents</a></p><h1>Latent {p.latent}</h1>",
+             f"<p>fires on {p.frequency:.4%} of {n_rows:,} rows; mean activation when firing "
+             f"{p.mean_activation:.4g}, max {p.max_activation:.4g}</p>",
+             "<h2>Activation histogram (nonzero values)</h2>", histogram_svg(*p.histogram)]
+    if p.promoted:
+        items = "".join(f"<tr><td class='tok'>{_show(t)}</td><td>{s:.3g}</td></tr>" for t, s in p.promoted)
+        parts.append("<h2>Tokens it promotes (decoder row through the output embedding)</h2>"
+                     f"<table><tr><th class='tok'>token</th><th>logit</th></tr>{items}</table>")
+    parts.append("<h2>Top-activating contexts</h2>")
+    if not p.examples:
+        parts.append("<p>This latent never fires on these rows.</p>")
+    for ex in p.examples:
+        parts.append(f"<div class='ctx'><span class='val'>{ex['value']:.3g}</span>"
+                     + "".join(_token_span(t, a, ex["value"], i == ex["center"])
+                               for i, (t, a) in enumerate(ex["tokens"])) + "</div>")
+    return _doc(f"latent {p.latent} - {run}", "".join(parts))
+
+
+def _token_span(token: str, act: float, peak: float, center: bool) -> str:
+    alpha = 0.0 if peak <= 0 else max(0.0, min(1.0, act / peak))
+    cls = "tok center" if center else "tok"
+    return (f"<span class='{cls}' style='background-color: rgba(255, 120, 0, {alpha:.3f})' "
+            f"title='{act:.4g}'>{_show(token)}</span>")
+
+
+def histogram_svg(counts, edges, width: int = 480, height: int = 120) -> str:
+    """Bars of `counts` over `edges` as inline SVG, with the value range below."""
+    counts = [int(c) for c in counts]
+    top = max(counts) if counts and max(counts) > 0 else 1
+    bar_w = width / max(len(counts), 1)
+    bars = "".join(
+        f"<rect x='{i * bar_w:.1f}' y='{height - c / top * height:.1f}' width='{max(bar_w - 1, 1):.1f}' "
+        f"height='{c / top * height:.1f}' fill='#e67e22'><title>{edges[i]:.3g}-{edges[i + 1]:.3g}: {c}</title></rect>"
+        for i, c in enumerate(counts))
+    label = f"<text x='0' y='{height + 14}' font-size='11'>{edges[0]:.3g}</text>" \
+            f"<text x='{width}' y='{height + 14}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text>"
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 18}' "
+            f"data-counts='{html.escape(json.dumps(counts))}'>{bars}{label}</svg>")

@@ -1,0 +1,92 @@
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from matplotlib import image as mpimg
+
+from flashsae import ArtifactError, io
+from flashsae.cli import main
+from flashsae.train.sweep import write_artifacts
+from flashsae.viz.report import render_report, write_report
+
+
+def fake_sweep(path):
+    path.mkdir()
+    rows = [{"name": f"k-{k}", "k": k, "architecture": "topk", "d_sae": 64, "fvu": 0.4 / k, "l0": float(k),
+             "dead_fraction": 0.0, "rows_per_s": 1e5, "run_dir": f"k-{k}"} for k in (2, 4, 8)]
+    write_artifacts(path, rows)
+    return rows
+
+
+def test_run_report_is_one_self_contained_page(digits_run):
+    run_dir, metrics = digits_run
+    page = write_report(run_dir).read_text()
+    assert (run_dir / io.REPORT_FILE).is_file()
+    for key in ("fvu", "l0", "dead_fraction", "mse"):
+        assert f"{metrics[key]:.6g}" in page
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3  # curves, atoms, reconstructions
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "topk sparse autoencoder" in page
+    for external in ("http://", "https://", "<script", "<link", "@import", "url("):
+        assert external not in page
+
+
+def test_sweep_report_shows_the_table_and_the_tradeoff(tmp_path):
+    rows = fake_sweep(tmp_path / "sweep")
+    page = render_report(tmp_path / "sweep")
+    assert page.count('src="data:image/png;base64,') == 1
+    table = page.split('<table id="sweep">')[1].split("</table>")[0]
+    assert table.count("<tr>") == len(rows) + 1
+    assert all(f">{r['name']}<" in table for r in rows)
+
+
+def test_report_rejects_a_directory_that_is_neither(tmp_path):
+    with pytest.raises(ArtifactError, match="neither a run directory"):
+        render_report(tmp_path)
+
+
+def test_report_cli(digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["report"] == str(tmp_path / "r.html") and out["bytes"] > 10_000
+    assert main(["report", str(tmp_path), "--quiet"]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
+
+
+# Appended to a copy of the page so that the browser writes what it decoded into the DOM.
+PROBE = """<script>
+addEventListener("load", () => {
+  document.body.setAttribute("data-decoded",
+    [...document.images].map(i => (i.complete ? i.naturalWidth + "x" + i.naturalHeight : "pending")).join(","));
+});
+</script>"""
+
+
+def test_report_renders_in_headless_chromium(digits_run, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("FLASHSAE_REQUIRE_CHROMIUM"):
+            pytest.fail("FLASHSAE_REQUIRE_CHROMIUM is set but chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    run_dir, metrics = digits_run
+    page = render_report(run_dir)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert f"{metrics['fvu']:.6g}" in dom and f"{metrics['l0']:.6g}" in dom
+    decoded = re.search(r'data-decoded="([^"]*)"', dom)
+    assert decoded, dom[-2000:]
+    expected = []
+    for name in (io.CURVES_FILE, io.ATLAS_FILE, io.RECONSTRUCTIONS_FILE):
+        h, w = mpimg.imread(run_dir / name).shape[:2]
+        expected.append(f"{w}x{h}")
+    assert decoded.group(1).split(",") == expected
