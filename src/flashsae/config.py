@@ -122,7 +122,7 @@ class TrainConfig:
     """Compute precision of the matrix products: float32 or bfloat16 (master weights stay float32)."""
 
     threads: int | None = None
-    """CPU threads for PyTorch; None keeps PyTorch's default."""
+    """CPU threads for PyTorch; None picks 1 for small steps (batch*d_in*d_sae < 2^27), else PyTorch's default."""
 
     eval_every: int | None = None
     """Steps between held-out evaluations (also the early-stopping check); None picks 10 per run, 0 only at the end."""

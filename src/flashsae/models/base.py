@@ -80,6 +80,7 @@ class SparseAutoencoder(nn.Module):
     architecture = "base"
     config_cls: type[ModelConfig] = ModelConfig
     sparse_codes = False  # forward returns SparseCodes
+    k_limited = False     # at most k latents fire per row (top-k family)
 
     def __init__(self, cfg: ModelConfig, standardizer: Standardizer | None = None):
         super().__init__()
@@ -99,8 +100,11 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(cfg.d_sae, code_out)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        # Tied initialisation W_enc = W_dec^T (Gao et al., 2024) when the shapes allow it.
-        self.W_enc = nn.Parameter(W_dec.clone() if code_in == code_out else _kaiming(cfg.d_sae, code_in))
+        # Tied initialisation W_enc = W_dec^T (Gao et al., 2024) when the shapes allow it. Without a cap on
+        # active latents about half of them fire at first and each adds ~x/(2 d_in): scale the encoder by
+        # 2 d_in / d_sae so that the first reconstructions have the data's scale instead of d_sae/(2 d_in) times it.
+        scale = 1.0 if self.k_limited else min(1.0, 2 * code_out / cfg.d_sae)
+        self.W_enc = nn.Parameter(W_dec.clone() * scale if code_in == code_out else _kaiming(cfg.d_sae, code_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 

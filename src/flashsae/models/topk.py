@@ -62,6 +62,7 @@ class TopKSAE(SparseAutoencoder):
 
     config_cls = TopKConfig
     sparse_codes = True
+    k_limited = True
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         cfg = self.cfg
@@ -88,6 +89,7 @@ class BatchTopKSAE(SparseAutoencoder):
     """Keep the k * batch largest activations over the whole batch; a global threshold at inference."""
 
     config_cls = BatchTopKConfig
+    k_limited = True
 
     def __init__(self, cfg, standardizer=None):
         super().__init__(cfg, standardizer)
