@@ -1,4 +1,5 @@
 """Learning tests: thresholds that a model which learns nothing (or a broken trainer) fails."""
+import numpy as np
 import pytest
 
 import flashsae
@@ -58,13 +59,33 @@ def test_larger_penalty_gives_lower_l0(arch, coef, small_synthetic):
 
 
 def test_topk_recovers_planted_dictionary():
-    """d=64, 512 planted atoms, 4 active per row: a 1024-latent TopK SAE finds the atoms."""
-    _, result = flashsae.train("synthetic", synthetic_rows=200_000, synthetic_d=64, synthetic_atoms=512,
-                               synthetic_active=4, arch="topk", latents=1024, k=4, rows=1_200_000,
-                               batch_size=512, lr=3e-3, quiet=True)
+    """d=64, 512 planted atoms, 4 active per row: a 1024-latent TopK SAE finds the atoms.
+
+    The encoder is linear, so it cannot undo the interference between these coherent atoms: the
+    true dictionary used as a tied TopK SAE reaches only FVU 0.24 here, and least-squares codes on
+    the supports that the true dictionary selects reach 0.089. The trained SAE gets ~0.12 with its
+    own encoder and goes below 0.1 when its atoms are coded by OMP at the same L0.
+    """
+    import torch
+
+    from flashsae.data import make_synthetic, split_rows
+    from flashsae.eval.metrics import fvu
+    from flashsae.omp import omp
+
+    model, result = flashsae.train("synthetic", synthetic_rows=200_000, synthetic_d=64, synthetic_atoms=512,
+                                   synthetic_active=4, arch="topk", latents=1024, k=4, rows=1_200_000,
+                                   batch_size=512, lr=3e-3, quiet=True)
     m = result.metrics
     assert m["recovery"] >= 0.9, m
-    assert m["fvu"] <= 0.1, m
+    assert m["fvu"] <= 0.15, m
+    X, _ = make_synthetic(rows=200_000, d=64, atoms=512, active=4, noise=0.01, seed=0)
+    _, val_ids = split_rows(len(X), np.zeros(0, np.int64), val_fraction=0.1, seed=0)
+    x = torch.from_numpy(X[val_ids[:5000]])  # held-out rows, as in the run
+    x_c = (model.standardizer(x) - model.b_dec).detach()
+    values, indices = omp(x_c, model.W_dec.detach(), 4)
+    codes = torch.zeros(len(x), model.d_sae).scatter_(1, indices, values)
+    x_hat = model.standardizer.inverse(codes @ model.W_dec.detach() + model.b_dec.detach())
+    assert float(fvu(x, x_hat)) <= 0.1
 
 
 def test_default_digits_run():
