@@ -47,6 +47,24 @@ class LatentSegments:
         return (csum[self.crow[1:]] - csum[self.crow[:-1]]).to(_acc_dtype(weights))
 
 
+def _gather_dot(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
+    """out[t, i] = <g[t], W[indices[t, i]]>, as a sampled dense product (SDDMM) at the code pattern.
+
+    Indices must be distinct within a row (true of top-k codes). 20x faster on the CPU than
+    gathering the (batch, k, d_in) rows (measured: 9.7 ms against 198 ms at 4096 x 16 x 256).
+    """
+    acc = _acc_dtype(g)
+    n_rows, k = indices.shape
+    cols, order = indices.sort(dim=1)
+    crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(n_rows * k, dtype=acc, device=g.device),
+                                          size=(n_rows, W.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, g.to(acc), W.to(acc).t(), beta=0.0).values()
+    return torch.empty((n_rows, k), dtype=acc, device=g.device).scatter_(1, order, dots.view(n_rows, k))
+
+
 class _TopKEncode(torch.autograd.Function):
     """pre = x_c W_enc^T + b_enc; values, indices = top-k of relu(pre) per row.
 
@@ -59,7 +77,13 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_c, W_enc, b_enc, k, aux_mask, k_aux):
-        pre = torch.addmm(b_enc.to(x_c.dtype), x_c, W_enc.to(x_c.dtype).t())  # (batch, d_sae)
+        # The bias rides in the product as an extra input column of ones: addmm would first copy the
+        # broadcast bias into the whole (batch, d_sae) output, a quarter of the GEMM's time on the CPU.
+        dtype = torch.get_autocast_dtype(x_c.device.type) if torch.is_autocast_enabled(x_c.device.type) else x_c.dtype
+        ones = torch.ones((x_c.shape[0], 1), dtype=dtype, device=x_c.device)
+        x1 = torch.cat([x_c.to(dtype), ones], dim=1)
+        W1 = torch.cat([W_enc.to(dtype), b_enc.to(dtype).unsqueeze(1)], dim=1)
+        pre = torch.mm(x1, W1.t())  # (batch, d_sae)
         top, idx = pre.topk(k, dim=-1, sorted=False)
         values = top.clamp_min(0)
         if aux_mask is not None and k_aux > 0:
@@ -105,8 +129,7 @@ class _SparseDecode(torch.autograd.Function):
         values, indices, W_dec = ctx.saved_tensors
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            rows = W_dec.to(g.dtype)[indices]  # (batch, k, d_in)
-            grad_values = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).to(values.dtype)
+            grad_values = _gather_dot(indices, g, W_dec).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = LatentSegments(indices, W_dec.shape[0]).matmul(values, g).to(W_dec.dtype)
         return grad_values, None, grad_W
