@@ -99,7 +99,8 @@ def _dataset_documents(path: Path) -> Iterator[tuple[str, bool]]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"{path} looks like a saved datasets directory; reading it needs: pip install datasets") from None
+        raise ConfigError(f"{path} looks like a saved datasets directory; reading it needs: "
+                          "pip install datasets") from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
@@ -148,7 +149,8 @@ def iter_contexts(text, tokenizer, context: int, *, start: int = 0, cycle: bool 
     prefix, suffix = special_wrapping(tokenizer)
     body = context - len(prefix) - len(suffix)
     if body < 1:
-        raise ConfigError(f"context {context} leaves no room for text next to {len(prefix) + len(suffix)} special tokens")
+        raise ConfigError(f"context {context} leaves no room for text next to "
+                          f"{len(prefix) + len(suffix)} special tokens")
     sep = separator_id(tokenizer)
     wrap_pre = np.asarray(prefix, np.int64)
     wrap_post = np.asarray(suffix, np.int64)

@@ -35,21 +35,25 @@ class LatentPage:
     frequency: float                # fraction of rows where it fires
     mean_activation: float          # mean over the rows where it fires
     max_activation: float
-    histogram: tuple[np.ndarray, np.ndarray]   # (counts, bin edges) of nonzero activations
+    histogram: tuple[np.ndarray, np.ndarray] | None  # (counts, bin edges) of nonzero activations
     examples: list[dict] = field(default_factory=list)  # {"value", "tokens": [(text, act)], "center"}
     promoted: list[tuple[str, float]] = field(default_factory=list)
     top_token: str = ""
 
 
 def build_site(run_dir, acts_dir, out, *, latents: int | None = None, top: int = 20, window: int = 10,
-               rows: int | None = None, bins: int = 30, device: str = "cpu", progress: bool = False) -> Path:
+               rows: int | None = None, bins: int = 30, promoted: bool = True, device: str = "cpu",
+               progress: bool = False) -> Path:
     """Write the latent browser for the run in `run_dir` over the harvest in `acts_dir` to `out`.
+
+    The index lists every latent; pages are written for the first `latents`.
 
     Args:
         latents: latents with a page: ids 0 .. latents-1 (default: all, at most 1000).
         top: top-activating examples per latent.
         window: tokens shown either side of each example's token.
         rows: read only the first `rows` activation rows (default: all).
+        promoted: load the model for the tokens each latent promotes (False loads the tokenizer only).
 
     Returns:
         `out`, holding index.html and latent-XXXXX.html files.
@@ -71,24 +75,27 @@ def build_site(run_dir, acts_dir, out, *, latents: int | None = None, top: int =
 
     stats = _first_pass(sae, source, n_rows, chunk, top, progress)
     hist = _histograms(sae, source, n_rows, chunk, pages, stats.top_values[pages, 0], bins, progress)
-    tokenizer, lm = _load_model(manifest)
-    examples = _examples(sae, source, tokens, pages, stats, window, chunk, tokenizer)
-    promoted = _promoted(sae, lm, tokenizer, pages)
+    tokenizer, lm = _load_model(manifest, with_model=promoted)
+    decode = _decoder(tokenizer)
+    examples = _examples(sae, source, tokens, pages, stats, window, chunk, decode)
+    promoted_tokens = _promoted(sae, lm, decode, pages)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fired = np.maximum(stats.fire_count, 1)
     entries = []
+    for j in range(sae.d_sae):
+        best = stats.top_rows[j, 0]
+        entries.append(LatentPage(latent=j, frequency=float(stats.fire_count[j] / n_rows),
+                                  mean_activation=float(stats.act_sum[j] / fired[j]),
+                                  max_activation=float(stats.top_values[j, 0]), histogram=None,
+                                  top_token=decode(int(tokens.rows[best, 0])) if best >= 0 else ""))
     for i, j in enumerate(pages):
-        j = int(j)
-        page = LatentPage(latent=j, frequency=float(stats.fire_count[j] / n_rows),
-                          mean_activation=float(stats.act_sum[j] / fired[j]),
-                          max_activation=float(stats.top_values[j, 0]), histogram=hist[i],
-                          examples=examples[j], promoted=promoted.get(j, []))
-        page.top_token = page.examples[0]["token"] if page.examples else ""
+        page = entries[j]
+        page.histogram, page.examples, page.promoted = hist[i], examples[j], promoted_tokens.get(j, [])
         _write(out / site.page_name(j), site.latent_page(page, run=str(run_dir), n_rows=n_rows))
-        entries.append(page)
-    _write(out / "index.html", site.index_page(entries, run=str(run_dir), acts=str(acts_dir), n_rows=n_rows,
-                                               d_sae=sae.d_sae, dead=int((stats.fire_count == 0).sum())))
+    _write(out / "index.html", site.index_page(entries, set(int(j) for j in pages), run=str(run_dir),
+                                               acts=str(acts_dir), n_rows=n_rows,
+                                               dead=int((stats.fire_count == 0).sum())))
     return out
 
 
@@ -168,7 +175,7 @@ class _TokenIndex:
         return np.arange(lo, hi), self.rows[lo:hi, 2]
 
 
-def _examples(sae, source, tokens: _TokenIndex, pages, stats: _Stats, window: int, chunk: int, tokenizer):
+def _examples(sae, source, tokens: _TokenIndex, pages, stats: _Stats, window: int, chunk: int, decode):
     wanted = {}  # row -> (context, position)
     for j in pages:
         for r in stats.top_rows[j]:
@@ -184,7 +191,6 @@ def _examples(sae, source, tokens: _TokenIndex, pages, stats: _Stats, window: in
         values[start:start + len(x)] = sae.encode(x)[:, cols].cpu().numpy()
     where = {int(r): i for i, r in enumerate(all_rows)}
     page_col = {int(j): i for i, j in enumerate(pages)}
-    decode = _decoder(tokenizer)
     out: dict[int, list[dict]] = {}
     for j in pages:
         j = int(j)
@@ -219,25 +225,27 @@ def _decoder(tokenizer):
     return decode
 
 
-def _load_model(manifest: dict):
+def _load_model(manifest: dict, *, with_model: bool):
     """(tokenizer or None, model or None) named in the manifest, loaded offline; None on any failure."""
-    name = manifest.get("model_path") or manifest.get("model")
-    if not name or (manifest.get("model_path") and not os.path.isdir(name)):
+    name = manifest.get("model_path")
+    if not name or not os.path.isdir(name):
         name = manifest.get("model")
-    try:
-        lm, tokenizer = A.load_lm(name)
-    except (DataError, ConfigError):
+    if with_model:
         try:
-            import transformers
+            lm, tokenizer = A.load_lm(name)
+            return tokenizer, lm
+        except (DataError, ConfigError):
+            pass
+    try:
+        import transformers
 
-            return transformers.AutoTokenizer.from_pretrained(name, local_files_only=True), None
-        except Exception:  # noqa: BLE001 - any failure means: show token ids instead
-            return None, None
-    return tokenizer, lm
+        return transformers.AutoTokenizer.from_pretrained(name, local_files_only=True), None
+    except Exception:  # noqa: BLE001 - any failure (missing package, files, network) means: show token ids
+        return None, None
 
 
 @torch.no_grad()
-def _promoted(sae, lm, tokenizer, pages, n: int = 10) -> dict[int, list[tuple[str, float]]]:
+def _promoted(sae, lm, decode, pages, n: int = 10) -> dict[int, list[tuple[str, float]]]:
     """Tokens each latent's decoder row promotes most through the output embedding (final norm ignored)."""
     emb = lm.get_output_embeddings() if lm is not None and hasattr(lm, "get_output_embeddings") else None
     if emb is None or emb.weight.shape[1] != sae.d_in:
@@ -246,7 +254,6 @@ def _promoted(sae, lm, tokenizer, pages, n: int = 10) -> dict[int, list[tuple[st
     atoms = sae.atoms().float().cpu()[torch.as_tensor(pages)]  # (pages, d_in)
     logits = atoms @ W_U.T
     v, idx = logits.topk(min(n, logits.shape[1]), dim=1)
-    decode = _decoder(tokenizer)
     return {int(j): [(decode(int(t)), float(s)) for t, s in zip(idx[i], v[i])] for i, j in enumerate(pages)}
 
 

@@ -51,16 +51,18 @@ def _show(token: str) -> str:
     return html.escape(token.replace("\n", "\u21b5").replace("\t", "\u21e5"))
 
 
-def index_page(pages, *, run: str, acts: str, n_rows: int, d_sae: int, dead: int) -> str:
+def index_page(latents, with_page: set[int], *, run: str, acts: str, n_rows: int, dead: int) -> str:
+    """The table of every latent; ids link to the latents in `with_page`."""
     rows = []
-    for p in pages:
+    for p in latents:
+        name = f"<a href='{page_name(p.latent)}'>{p.latent}</a>" if p.latent in with_page else str(p.latent)
         rows.append(f"<tr data-id='{p.latent}' data-token='{html.escape(p.top_token, quote=True)}'>"
-                    f"<td><a href='{page_name(p.latent)}'>{p.latent}</a></td>"
+                    f"<td>{name}</td>"
                     f"<td>{p.frequency:.4%}</td><td>{p.mean_activation:.3g}</td><td>{p.max_activation:.3g}</td>"
                     f"<td class='tok'>{_show(p.top_token)}</td></tr>")
     body = (f"<h1>Latents of {html.escape(run)}</h1>"
-            f"<p>{d_sae} latents ({dead} never fire) over {n_rows:,} rows of {html.escape(acts)}; "
-            f"{len(pages)} have pages below.</p>"
+            f"<p>{len(latents)} latents ({dead} never fire) over {n_rows:,} rows of {html.escape(acts)}; "
+            f"{len(with_page)} have pages (linked).</p>"
             "<input id='search' type='search' placeholder='filter by latent id or top token'>"
             "<table id='latents'><thead><tr><th>latent</th><th>firing frequency</th><th>mean activation</th>"
             "<th>max activation</th><th class='tok'>top token</th></tr></thead><tbody>"

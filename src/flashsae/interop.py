@@ -1,0 +1,253 @@
+"""Interoperability: export runs to SAELens's on-disk layout; import SAELens and sparsify directories.
+
+SAELens (6.x) directory: `cfg.json` (d_in, d_sae, dtype, device, apply_b_dec_to_input,
+normalize_activations, reshape_activations, metadata, architecture standard/topk/jumprelu, k for
+topk) and `sae_weights.safetensors` with W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in),
+b_dec (d_in) and threshold (d_sae) for jumprelu. SAELens saves BatchTopK SAEs for inference as
+JumpReLU with one threshold per latent; so does this export.
+sparsify directory: `cfg.json` (activation topk/groupmax, k, num_latents or expansion_factor, d_in,
+normalize_decoder, skip_connection, transcode) and `sae.safetensors` with encoder.weight
+(d_sae, d_in), encoder.bias, W_dec (d_sae, d_in), b_dec.
+
+Both libraries encode raw activations, flashsae standardised ones: an export folds the
+standardisation into the weights (exact), an import gets standardisation mode "none". flashsae keeps
+W_enc as (d_sae, d_in), so SAELens's W_enc is transposed on the way in and out.
+Imports io, models, config and errors; never imports train or cli.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flashsae import io, models
+from flashsae.config import TrainConfig, to_dict
+from flashsae.errors import ArtifactError, ConfigError
+
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6 reads it as is)
+# flashsae architecture -> SAELens inference architecture
+_TO_SAELENS = {"topk": "topk", "relu-l1": "standard", "contractive": "standard", "jumprelu": "jumprelu",
+               "batchtopk": "jumprelu"}
+
+
+@torch.no_grad()
+def raw_weights(model) -> dict[str, Tensor]:
+    """W_enc (d_sae, d_in), b_enc, W_dec, b_dec acting on raw (unstandardised) rows, float32.
+
+    With x_std = (x - mean) / scale: pre = W_enc (x_std - b_dec) + b_enc = (W_enc / scale)(x - b_dec')
+    + b_enc and x_hat = (codes W_dec + b_dec) * scale + mean = codes (W_dec * scale) + b_dec', where
+    b_dec' = b_dec * scale + mean.
+    """
+    if model.is_deep:
+        raise ConfigError("models with hidden layers (--encoder-hidden/--decoder-hidden) cannot be exported: "
+                          "other libraries expect one linear encoder and decoder")
+    std = model.standardizer
+    mean, scale = std.mean.float().cpu(), std.scale.float().cpu()
+    W_enc, b_enc = model.W_enc.float().cpu(), model.b_enc.float().cpu()
+    W_dec, b_dec = model.W_dec.float().cpu(), model.b_dec.float().cpu()
+    if std.mode == "none":
+        return {"W_enc": W_enc.clone(), "b_enc": b_enc.clone(), "W_dec": W_dec.clone(), "b_dec": b_dec.clone()}
+    return {"W_enc": W_enc / scale, "b_enc": b_enc.clone(), "W_dec": W_dec * scale, "b_dec": b_dec * scale + mean}
+
+
+def export_saelens(run_dir, out, *, overwrite: bool = False) -> Path:
+    """Write the model in `run_dir` as a SAELens directory `out` (cfg.json + sae_weights.safetensors).
+
+    Raises:
+        ConfigError: the architecture has no SAELens equivalent, or `out` exists.
+    """
+    model = io.load(run_dir)
+    arch = model.architecture
+    if arch not in _TO_SAELENS:
+        raise ConfigError(f"architecture {arch!r} has no SAELens equivalent; exportable: "
+                          f"{', '.join(sorted(_TO_SAELENS))}")
+    w = raw_weights(model)
+    tensors = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    target = _TO_SAELENS[arch]
+    cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+                        "exported_by": f"flashsae {_version()}", "flashsae_architecture": arch,
+                        **_hook_metadata(model.run_config)},
+           "architecture": target}
+    if arch == "topk":
+        cfg.update(k=model.cfg.k, rescale_acts_by_decoder_norm=False)
+    if arch == "jumprelu":
+        tensors["threshold"] = model.log_threshold.detach().float().cpu().exp()
+    elif arch == "batchtopk":
+        tensors["threshold"] = model.threshold.detach().float().cpu().expand(model.d_sae).clone()
+    return _publish(Path(out), overwrite, {SAELENS_CFG: cfg}, SAELENS_WEIGHTS, tensors)
+
+
+def detect_format(path) -> str:
+    """'saelens' or 'sparsify', from the files in `path`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory")
+    if (path / SAELENS_CFG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (path / SPARSIFY_CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify"
+    subdirs = sorted(p.name for p in path.iterdir()
+                     if (p / SPARSIFY_WEIGHTS).is_file() or (p / SAELENS_WEIGHTS).is_file())
+    hint = f"; it holds one SAE per subdirectory, pick one: {', '.join(subdirs[:8])}" if subdirs else ""
+    raise ArtifactError(f"{path} is neither a SAELens directory ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a "
+                        f"sparsify directory ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}){hint}")
+
+
+def import_dir(path, out, *, overwrite: bool = False) -> Path:
+    """Convert a SAELens or sparsify directory (auto-detected) into a flashsae run directory `out`."""
+    path = Path(path)
+    fmt = detect_format(path)
+    model = load_saelens(path) if fmt == "saelens" else load_sparsify(path)
+    config = _run_config(model, {"format": fmt, "path": str(path.resolve()), **model.imported})
+    work = io.prepare_out(out, overwrite=overwrite, resume=False)
+    io.save_model(work, model, config)
+    return io.finalize(work, out)
+
+
+@torch.no_grad()
+def load_saelens(path) -> "models.SparseAutoencoder":
+    """A flashsae model equal to the SAELens SAE saved in `path` (codes and reconstructions match)."""
+    path = Path(path)
+    cfg = io.read_json(path / SAELENS_CFG)
+    t = {k: v.float() for k, v in io.read_tensors(path / SAELENS_WEIGHTS).items()}
+    arch = cfg.get("architecture")
+    if arch is None:  # SAELens < 6 wrote no architecture: top-k lived in activation_fn_kwargs
+        act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
+        arch = "topk" if act == "topk" else "standard"
+        if act == "topk":
+            cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    where = path / SAELENS_CFG
+    if arch not in ("standard", "topk", "jumprelu"):
+        raise ArtifactError(f"{where}: SAELens architecture {arch!r} has no flashsae equivalent "
+                            "(supported: standard, topk, jumprelu)")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ArtifactError(f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
+                            "fold the normalisation into the weights first")
+    act = cfg.get("activation_fn") or "relu"
+    if arch == "standard" and act != "relu":
+        raise ArtifactError(f"{where}: activation {act!r} is not supported for standard SAEs (only relu)")
+    scaling = t.pop("scaling_factor", t.pop("finetuning_scaling_factor", None))
+    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
+        raise ArtifactError(f"{where}: a finetuning scaling factor is not supported")
+    needed = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
+    _require(t, needed, path / SAELENS_WEIGHTS)
+    W_enc, b_enc, W_dec, b_dec = t["W_enc"].T.contiguous(), t["b_enc"], t["W_dec"], t["b_dec"]
+    if not cfg.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc: move b_dec out of the encoder
+        b_enc = b_enc + W_enc @ b_dec
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):  # fold ||W_dec_j|| into the encoder
+        norms = W_dec.norm(dim=-1).clamp_min(1e-8)
+        W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+    d_sae, d_in = W_dec.shape
+    options = {"d_in": d_in, "d_sae": d_sae, "normalize_decoder": _unit_rows(W_dec)}
+    if arch == "topk":
+        name = "topk"
+        options["k"] = int(cfg["k"])
+    elif arch == "jumprelu":
+        name = "jumprelu"
+    else:
+        name = "relu-l1"
+        options["l1"] = float(cfg.get("l1_coefficient", 0.0) or 0.0)
+    model = models.build(name, **options)
+    _set(model, W_enc, b_enc, W_dec, b_dec)
+    if arch == "jumprelu":
+        # flashsae: z * (z > theta) with z = relu(pre), theta = exp(log_threshold); SAELens: relu(pre) *
+        # (pre > threshold). Equal for threshold > 0; a threshold <= 0 means plain ReLU, i.e. theta -> 0.
+        model.log_threshold.copy_(t["threshold"].clamp_min(1e-30).log())
+    meta = cfg.get("metadata") or {}
+    model.imported = {"architecture": arch, "hook_name": meta.get("hook_name") or cfg.get("hook_name"),
+                      "model_name": meta.get("model_name") or cfg.get("model_name")}
+    return model.eval()
+
+
+@torch.no_grad()
+def load_sparsify(path) -> "models.SparseAutoencoder":
+    """A flashsae TopK model equal to the sparsify SparseCoder saved in `path`."""
+    path = Path(path)
+    cfg = io.read_json(path / SPARSIFY_CFG)
+    t = {k: v.float() for k, v in io.read_tensors(path / SPARSIFY_WEIGHTS).items()}
+    where = path / SPARSIFY_CFG
+    if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in t:
+        raise ArtifactError(f"{where}: transcoders and skip connections are not sparse autoencoders flashsae can load")
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":
+        raise ArtifactError(f"{where}: activation {activation!r} has no flashsae architecture (only topk)")
+    _require(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path / SPARSIFY_WEIGHTS)
+    W_enc, W_dec = t["encoder.weight"], t["W_dec"]
+    d_sae, d_in = W_enc.shape
+    if cfg.get("d_in") not in (None, d_in) or W_dec.shape != (d_sae, d_in):
+        raise ArtifactError(f"{path / SPARSIFY_WEIGHTS}: weight shapes {tuple(W_enc.shape)} and "
+                            f"{tuple(W_dec.shape)} do not match d_in {cfg.get('d_in')}")
+    # sparsify takes relu before top-k, flashsae after: the same codes (relu is monotone).
+    model = models.build("topk", d_in=d_in, d_sae=d_sae, k=int(cfg.get("k", 32)),
+                         normalize_decoder=bool(cfg.get("normalize_decoder", True)) and _unit_rows(W_dec))
+    _set(model, W_enc, t["encoder.bias"], W_dec, t["b_dec"])
+    model.imported = {"architecture": activation, "multi_topk": bool(cfg.get("multi_topk", False))}
+    return model.eval()
+
+
+def _set(model, W_enc, b_enc, W_dec, b_dec) -> None:
+    for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        param = getattr(model, name)
+        if param.shape != value.shape:
+            raise ArtifactError(f"{name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+        param.copy_(value)
+
+
+def _require(tensors: dict, names, where: Path) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ArtifactError(f"{where} is missing tensors {', '.join(missing)}")
+
+
+def _unit_rows(W_dec: Tensor) -> bool:
+    return bool(((W_dec.norm(dim=-1) - 1).abs() < 1e-3).all())
+
+
+def _run_config(model, imported: dict) -> dict:
+    return {"format_version": io.FORMAT_VERSION, "library": "flashsae", "library_version": _version(),
+            "architecture": model.architecture, "model": model.cfg.to_dict(),
+            "train": to_dict(TrainConfig()), "data": {}, "preprocess": {"mode": "none"},
+            "data_stats": {"source": f"imported from {imported['format']}", "imported": imported},
+            "resolved": {"total_steps": 0, "lr": 0.0}}
+
+
+def _hook_metadata(run_config: dict | None) -> dict:
+    """model_name / hook_name for SAELens's metadata, from the run's recorded provenance."""
+    from flashsae.eval.downstream import provenance
+
+    prov = provenance(run_config or {})
+    return {"model_name": prov.get("model"), "hook_name": prov.get("hook")} if prov else {}
+
+
+def _publish(out: Path, overwrite: bool, jsons: dict, weights_name: str, tensors: dict) -> Path:
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it")
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    io.write_tensors(work / weights_name, tensors)
+    for name, obj in jsons.items():
+        (work / name).write_text(json.dumps(obj, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return out
+
+
+def _version() -> str:
+    from flashsae import __version__
+
+    return __version__
+
+
+__all__ = ["export_saelens", "import_dir", "load_saelens", "load_sparsify", "detect_format", "raw_weights"]

@@ -1,0 +1,65 @@
+"""harvest -> train -> evaluate -> browse -> export -> import, through the command line."""
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from flashsae.cli import main  # noqa: E402
+
+
+def test_cli_walkthrough(tmp_path, tiny_gpt2, corpus, capsys):
+    acts, run, site = tmp_path / "acts", tmp_path / "run", tmp_path / "site"
+    harvest = ["harvest", "--model", str(tiny_gpt2), "--hook", "transformer.h.0", "--text", str(corpus),
+               "--out", str(acts), "--rows", "2000", "--context", "64", "--shard-rows", "1000", "--quiet"]
+    assert main(harvest) == 0
+    assert main(harvest) == 0  # again: already complete, nothing to do
+    manifest = json.loads((acts / "manifest.json").read_text())
+    assert manifest["rows"] == 2000 and manifest["complete"]
+
+    assert main(["train", str(acts), "--latents", "128", "--k", "8", "--rows", "10000", "--batch-size", "256",
+                 "--out", str(run), "--quiet"]) == 0
+
+    # model, hook and context default to the harvest's; contexts after the harvested ones are held out
+    assert main(["evaluate", str(run), "--text", str(corpus), "--rows", "512", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["downstream"]
+    assert metrics["hook"] == "transformer.h.0" and metrics["start_context"] == manifest["next_context"]
+    assert metrics["kind"] == "causal-lm" and metrics["contexts"] == 8
+    for key in ("loss_clean", "loss_spliced", "loss_zero", "loss_recovered", "kl_spliced", "kl_zero"):
+        assert isinstance(metrics[key], float)
+    assert metrics["hook_fvu"] < 0.8
+    assert (run / "evaluation.json").is_file()
+
+    assert main(["evaluate", str(run), str(acts), "--quiet"]) == 0  # plain reconstruction metrics still work
+
+    assert main(["browse", str(run), "--acts", str(acts), "--out", str(site), "--latents", "4", "--top", "3",
+                 "--no-promoted", "--quiet"]) == 0
+    assert (site / "index.html").is_file() and not (site / "latent-00004.html").exists()
+    assert "Tokens it promotes" not in (site / "latent-00003.html").read_text()  # tokenizer only
+
+    assert main(["export", str(run), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 8 and cfg["metadata"]["hook_name"] == "transformer.h.0"
+    assert main(["import", str(tmp_path / "sl"), "--out", str(tmp_path / "back")]) == 0
+    assert main(["info", str(tmp_path / "back")]) == 0
+
+
+def test_cli_user_errors(tmp_path, tiny_gpt2, corpus, capsys):
+    assert main(["harvest", "--model", str(tiny_gpt2), "--hook", "h.0", "--text", str(corpus),
+                 "--out", str(tmp_path / "a"), "--rows", "10"]) == 2
+    assert "no module named 'h.0'" in capsys.readouterr().err
+    assert main(["harvest", "--model", str(tiny_gpt2), "--hook", "transformer.h.0", "--text", str(corpus),
+                 "--out", str(tmp_path / "a"), "--rows", "10", "--dtype", "bfloat16"]) == 2
+    assert "--format safetensors" in capsys.readouterr().err
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "neither a SAELens directory" in capsys.readouterr().err
+
+
+def test_cli_train_on_the_fly(tmp_path, tiny_gpt2, corpus, capsys):
+    assert main(["train", "--model", str(tiny_gpt2), "--hook", "transformer.h.0", "--text", str(corpus),
+                 "--context", "32", "--stat-rows", "1024", "--shuffle-rows", "512", "--rows", "4096",
+                 "--batch-size", "128", "--latents", "64", "--k", "4", "--out", str(tmp_path / "run"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metrics"]["rows_seen"] == 4096
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data_stats"]["activations"]["context"] == 32
