@@ -55,7 +55,9 @@ PRESETS: dict[str, dict] = {
         data="planted", n_atoms=4096, dtype="float32", l1=2.0,
         libraries=ALL_SAE_LIBS + ["sklearn"],
         # sklearn needs ~14 s per 4096-row batch at 4096 atoms and ~8 ms per row to encode (OMP).
-        options=dict(sklearn_alpha=1.0, sklearn_max_rows=16384, sklearn_eval_rows=4096),
+        # flashsae's recommended CPU precision is bf16 matrix products (fp32 master weights) where the
+        # CPU has AVX512-BF16/AMX; the others have no CPU bf16 path worth using and run fp32.
+        options=dict(sklearn_alpha=1.0, sklearn_max_rows=16384, sklearn_eval_rows=4096, flashsae_dtype="bfloat16"),
     ),
     "gpu": dict(
         d_in=768, d_sae=32768, k=32, batch_size=16384, lr=5e-4, rows=2**21, val_rows=16384,

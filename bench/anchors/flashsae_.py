@@ -56,7 +56,7 @@ def _train(spec: BenchSpec, settings: str, X: torch.Tensor, n_rows: int):
     else:
         kwargs["l1"] = spec.l1
     if settings == "recommended":
-        kwargs.update(lr=spec.lr, dtype=spec.dtype)
+        kwargs.update(lr=spec.lr, dtype=spec.options.get("flashsae_dtype", spec.dtype))
         if known is not None and "lr_warmup" in known:  # a fraction of the run there
             kwargs["lr_warmup"] = spec.warmup_steps / max(n_steps, 1)
     return flashsae.train(X, **kwargs)

@@ -1,18 +1,32 @@
 """Sparse codes in and out of files: encode a Source to CSR (.npz), decode CSR back to rows (.npy).
 
-Both stream in chunks and write to a temporary name that is renamed when complete.
+Both stream in chunks and write to a temporary name that is renamed when complete; encoding keeps
+memory bounded by one chunk for inputs of any size (the CSR arrays grow on disk).
 """
 from __future__ import annotations
 
+import errno
 import os
+import struct
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from flashsae import io
 from flashsae.data import iter_chunks, open_source
 from flashsae.errors import DataError
+from flashsae.models.base import SparseCodes
+
+# What scipy.sparse.load_npz can raise on a hostile file (a zip archive of .npy members).
+_NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, TypeError, IndexError, AttributeError, SyntaxError,
+               NotImplementedError, RuntimeError, RecursionError, OverflowError, struct.error, zlib.error,
+               zipfile.BadZipFile, tokenize.TokenError)
 
 
 def open_for_model(model, data, *, key: str | None = None, drop_nonfinite: bool = False, progress: bool = False):
@@ -31,23 +45,133 @@ def open_for_model(model, data, *, key: str | None = None, drop_nonfinite: bool 
     return source, row_ids
 
 
+class CodesFile(NamedTuple):
+    """What `encode_to_npz` wrote: a (rows, latents) CSR matrix with `nnz` stored values."""
+
+    path: Path
+    shape: tuple[int, int]
+    nnz: int
+
+
+# Rows per chunk are capped so a dense (rows, d_sae) block of codes or pre-activations stays ~64 MiB.
+_MAX_CHUNK_VALUES = 1 << 24
+
+
 @torch.no_grad()
-def encode_to_csr(model, source, row_ids=None, *, chunk_rows: int = 8192, progress: bool = False) -> sp.csr_matrix:
-    """Codes of every row (or of row_ids) as a (rows, d_sae) float32 CSR matrix."""
+def iter_code_chunks(model, source, row_ids=None, *, chunk_rows: int = 8192, progress: bool = False):
+    """Yield the codes of consecutive row chunks as CSR pieces (data, indices, row_nnz).
+
+    data float32 (nnz,), indices int32 (nnz,) sorted within each row, row_nnz int64 (rows,).
+    Top-k models hand over their (values, indices) directly; the dense codes are never built.
+    """
     device = model.W_dec.device
-    parts = []
+    chunk_rows = max(1, min(chunk_rows, _MAX_CHUNK_VALUES // model.d_sae))
     chunks = iter_chunks(source, row_ids, chunk_rows=chunk_rows)
     if progress:
         from tqdm.auto import tqdm
 
         n = source.n_rows if row_ids is None else len(row_ids)
         chunks = tqdm(chunks, total=-(-n // chunk_rows), desc="encode", unit="chunk")
-    for chunk in chunks:
-        codes = model.encode(torch.from_numpy(np.ascontiguousarray(chunk)).to(device)).cpu().numpy()
-        parts.append(sp.csr_matrix(codes.astype(np.float32)))
-    if not parts:
-        return sp.csr_matrix((0, model.d_sae), dtype=np.float32)
-    return sp.vstack(parts, format="csr")
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in chunks:
+            x = model.standardizer(torch.from_numpy(np.ascontiguousarray(chunk)).to(device, model.W_dec.dtype))
+            codes = model(x).codes
+            if isinstance(codes, SparseCodes):
+                order = codes.indices.argsort(dim=1)
+                values = codes.values.gather(1, order)
+                cols = codes.indices.gather(1, order)
+                keep = values != 0
+                data, indices = values[keep], cols[keep]
+            else:
+                keep = codes != 0
+                data, indices = codes[keep], keep.nonzero()[:, 1]  # row-major: sorted within rows
+            yield (data.float().cpu().numpy(), indices.to(torch.int32).cpu().numpy(),
+                   keep.sum(1).cpu().numpy().astype(np.int64))
+    finally:
+        model.train(was_training)
+
+
+def encode_to_csr(model, source, row_ids=None, *, chunk_rows: int = 8192, progress: bool = False) -> sp.csr_matrix:
+    """Codes of every row (or of row_ids) as a (rows, d_sae) float32 CSR matrix, in memory."""
+    data, indices, counts = [], [], []
+    for d, i, c in iter_code_chunks(model, source, row_ids, chunk_rows=chunk_rows, progress=progress):
+        data.append(d)
+        indices.append(i)
+        counts.append(c)
+    counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
+                          np.concatenate(indices) if indices else np.zeros(0, np.int32), indptr),
+                         shape=(len(counts), model.d_sae))
+
+
+def encode_to_npz(model, source, row_ids=None, path: str | os.PathLike = "codes.npz", *, chunk_rows: int = 8192,
+                  progress: bool = False) -> CodesFile:
+    """Stream the codes of every row (or of row_ids) into a CSR .npz that scipy.sparse.load_npz reads.
+
+    Memory stays bounded by one chunk whatever the number of rows: the CSR arrays grow in
+    temporary files next to `path` (so the disk needs about twice the output size for a moment)
+    and are then copied into the .npz in 1 MiB pieces. The file appears under its name only
+    when complete.
+    """
+    path = Path(path)
+    n = source.n_rows if row_ids is None else len(row_ids)
+    stem = f".{path.stem}.tmp-{os.getpid()}"
+    parts = {name: path.with_name(f"{stem}-{name}") for name in ("data", "indices", "indptr", "converted")}
+    try:
+        with open(parts["data"], "wb") as f_data, open(parts["indices"], "wb") as f_idx:
+            indptr = np.lib.format.open_memmap(parts["indptr"], mode="w+", dtype=np.int64, shape=(n + 1,))
+            indptr[0] = nnz = row = 0
+            for data, indices, counts in iter_code_chunks(model, source, row_ids, chunk_rows=chunk_rows,
+                                                          progress=progress):
+                f_data.write(data.tobytes())
+                f_idx.write(indices.tobytes())
+                indptr[row + 1:row + 1 + len(counts)] = nnz + np.cumsum(counts)
+                row += len(counts)
+                nnz += len(data)
+        data = _open_raw(parts["data"], np.float32, nnz)
+        indices = _open_raw(parts["indices"], np.int32, nnz)
+        if nnz < 2**31:  # scipy wants one index dtype; int32 halves the size and what load_npz allocates
+            indptr = _convert(indptr, parts["converted"], np.int32)
+        else:
+            indices = _convert(indices, parts["converted"], np.int64)
+        with io._atomic_path(path) as tmp:  # the arrays scipy.sparse.save_npz writes, uncompressed
+            _write_npz(tmp, {"indices": indices, "indptr": indptr, "format": np.array(b"csr"),
+                             "shape": np.array([n, model.d_sae], dtype=np.int64), "data": data})
+        return CodesFile(path, (n, model.d_sae), nnz)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"no space left on device while writing {path}") from None
+        raise
+    finally:
+        for part in parts.values():
+            part.unlink(missing_ok=True)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray], piece_bytes: int = 1 << 20) -> None:
+    """np.savez, but copying each (memory-mapped) array in pieces of `piece_bytes`."""
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, np.lib.format.header_data_from_array_1_0(a))
+                step = max(1, piece_bytes // a.itemsize)
+                flat = a.reshape(-1)
+                for i in range(0, flat.size, step):
+                    f.write(np.ascontiguousarray(flat[i:i + step]).tobytes())
+
+
+def _open_raw(path: Path, dtype, count: int) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+
+
+def _convert(a: np.ndarray, path: Path, dtype, step: int = 1 << 17) -> np.ndarray:
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=a.shape)
+    for i in range(0, len(a), step):
+        out[i:i + step] = a[i:i + step]
+    out.flush()
+    return out
 
 
 def save_csr(codes: sp.csr_matrix, path: str | os.PathLike) -> None:
@@ -61,15 +185,21 @@ def save_csr(codes: sp.csr_matrix, path: str | os.PathLike) -> None:
 
 
 def load_csr(path: str | os.PathLike, d_sae: int) -> sp.csr_matrix:
+    """A CSR matrix of codes from a scipy .npz (as `flashsae encode` writes), fully validated."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
         codes = sp.load_npz(path).tocsr()
-    except (ValueError, OSError, KeyError) as e:
-        raise DataError(f"{path} is not a scipy sparse .npz file: {e}") from None
-    if codes.shape[1] != d_sae:
-        raise DataError(f"{path} has {codes.shape[1]} columns but the model has {d_sae} latents")
+        codes.check_format(full_check=True)  # out-of-range indices would corrupt memory in toarray()
+    except MemoryError:
+        raise DataError(f"{path} is too large to load into memory") from None
+    except _NPZ_ERRORS as e:
+        raise DataError(f"{path} is not a scipy sparse .npz file: {type(e).__name__}: {e}") from None
+    if codes.dtype.kind not in "biuf":
+        raise DataError(f"{path} holds {codes.dtype} values; expected real numbers")
+    if codes.ndim != 2 or codes.shape[1] != d_sae:
+        raise DataError(f"{path} has shape {codes.shape} but the model has {d_sae} latents")
     return codes
 
 

@@ -116,7 +116,7 @@ def _atomic_path(path: Path, *, durable: bool = False):
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ArtifactError(f"no space left on device while writing {path}; "
-                                "the previous version is kept (free some space, then resume)") from None
+                                "the previous version, if any, is kept") from None
         raise
     finally:
         if tmp.exists():
@@ -292,4 +292,6 @@ def load_weights(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
         if tensors[name].shape != ref.shape:
             raise ArtifactError(f"{where} is corrupt: {name} has shape {tuple(tensors[name].shape)}, "
                                 f"config.json implies {tuple(ref.shape)}")
+        if ref.is_floating_point() and not tensors[name].is_floating_point():
+            raise ArtifactError(f"{where} is corrupt: {name} has dtype {tensors[name].dtype}, expected floating point")
     model.load_state_dict({k: tensors[k] for k in expected}, strict=True)

@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("codes", help=".npz file written by flashsae encode")
     p.add_argument("--out", required=True, help="output .npy file")
     p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     model = io.load(args.run_dir)
     codes = load_csr(args.codes, model.d_sae)
     decode_to_npy(model, codes, args.out)
-    if not args.quiet:
+    if args.json:
+        from flashsae.cli.common import print_json
+
+        print_json({"out": args.out, "rows": codes.shape[0], "columns": model.d_in})
+    elif not args.quiet:
         print(f"wrote {codes.shape[0]} x {model.d_in} rows to {args.out}")
     return 0

@@ -16,22 +16,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--key", default=None, help="array name inside a .npz or .safetensors file")
     p.add_argument("--drop-nonfinite", action="store_true", help="skip rows containing NaN or Inf")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from flashsae import io
-    from flashsae.codes import encode_to_csr, open_for_model, save_csr
+    from flashsae.codes import encode_to_npz, open_for_model
     from flashsae.errors import ConfigError
 
     if not args.out.endswith(".npz"):
         raise ConfigError(f"--out must end in .npz, got {args.out}")
     model = io.load(args.run_dir)
     source, row_ids = open_for_model(model, args.data, key=args.key, drop_nonfinite=args.drop_nonfinite,
-                                     progress=not args.quiet)
-    codes = encode_to_csr(model, source, row_ids, progress=not args.quiet)
-    save_csr(codes, args.out)
-    if not args.quiet:
+                                     progress=not (args.quiet or args.json))
+    codes = encode_to_npz(model, source, row_ids, args.out, progress=not (args.quiet or args.json))
+    if args.json:
+        from flashsae.cli.common import print_json
+
+        print_json({"out": args.out, "rows": codes.shape[0], "latents": codes.shape[1],
+                    "nonzero_per_row": codes.nnz / max(codes.shape[0], 1)})
+    elif not args.quiet:
         print(f"wrote {codes.shape[0]} x {codes.shape[1]} codes ({codes.nnz / max(codes.shape[0], 1):.2f} "
               f"nonzero per row) to {args.out}")
     return 0

@@ -12,6 +12,7 @@ EPILOG = """example:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by flashsae train")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--quiet", action="store_true", help="print nothing; the exit status says whether RUN_DIR loads")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     if args.json:
         print_json({"config": cfg, "metrics": metrics, "parameters": n_params})
+        return 0
+    if args.quiet:
         return 0
     m = cfg["model"]
     hidden = ""

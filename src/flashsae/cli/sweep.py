@@ -6,7 +6,9 @@ import argparse
 HELP = "Train a grid of sparse autoencoders and compare their sparsity / reconstruction trade-off."
 EPILOG = """Any model, data or training option given several values is a grid axis; the grid is the
 cartesian product of the axes. Each model is a normal run directory OUT/<name>; OUT/sweep.csv has
-one row per model and OUT/tradeoff.png plots FVU against L0.
+one row per model and OUT/tradeoff.png plots FVU against L0. The models train together on one pass
+over the data (one pass per value of a data option, --seed, --batch-size, --device or --threads);
+--separate trains them one after another, with the same result.
 
 examples:
   flashsae sweep digits --k 4 8 16 32 --out runs/sweep
@@ -42,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing models and tables in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
     p.add_argument("--json", action="store_true", help="print the sweep table as JSON")
+    p.add_argument("--separate", action="store_true",
+                   help="train the models one after another instead of together on one data pass")
     add_log_flags(p)
     grid_dests: set[str] = set()
     add_option_flags(p, wrap=lambda group: _SeveralValues(group, grid_dests))
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from flashsae.train.sweep import run_grid
 
     result = run_grid(args.data, grid_from_args(args), args.out, overwrite=args.overwrite,
-                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb)
+                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,
+                      separate=args.separate)
     if not result.rows:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     if args.json:
@@ -69,7 +74,8 @@ def grid_from_args(args: argparse.Namespace) -> list[dict]:
     """The grid of train() options: options given several values are axes, the rest are shared."""
     from flashsae.train.sweep import expand_grid
 
-    skip = {"data", "out", "overwrite", "quiet", "json", "tensorboard", "wandb", "command", "_module", "_grid_dests"}
+    skip = {"data", "out", "overwrite", "quiet", "json", "separate", "tensorboard", "wandb", "command", "_module",
+            "_grid_dests"}
     axes, fixed = {}, {}
     for key, value in vars(args).items():
         if key in skip:

@@ -10,6 +10,8 @@ EPILOG = """examples:
   flashsae train table.csv --arch topk --k 16 --encoder-hidden 128 --decoder-hidden 128 --out runs/deep
   flashsae train synthetic --synthetic-rows 200000 --latents 1024 --k 4 --out runs/syn
   flashsae train data.npy --out runs/big --checkpoint-every 1000   # later: add --resume
+  flashsae train acts/ --latents 4096 --k 32 --out runs/layer6     # a directory from flashsae harvest
+  flashsae train --model gpt2 --hook transformer.h.6 --text corpus.jsonl --rows 10000000 --out runs/fly
 """
 
 
@@ -21,8 +23,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.partial")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                   help="stop after N steps as if interrupted, leaving a checkpoint for --resume")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others before failing (default: 60)")
     add_log_flags(p)
     add_option_flags(p)
+    add_stream_flags(p)
+
+
+def add_stream_flags(p: argparse.ArgumentParser) -> None:
+    """--model/--hook/--text: capture a transformers model's activations on the fly instead of reading DATA."""
+    from flashsae.cli.common import add_dataclass_flags
+    from flashsae.data.stream import StreamConfig
+
+    add_dataclass_flags(p.add_argument_group("activations on the fly (instead of DATA)"), StreamConfig)
 
 
 def add_log_flags(p) -> None:
@@ -54,13 +69,24 @@ def add_option_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashsae.cli.common import format_metrics, print_json
-    from flashsae.train.run import train
+    import sys
 
-    skip = {"data", "out", "overwrite", "resume", "quiet", "json", "tensorboard", "wandb", "command", "_module"}
+    from flashsae import distributed
+    from flashsae.cli.common import format_metrics, print_json
+    from flashsae.train.run import Interrupted, train
+
+    skip = {"data", "out", "overwrite", "resume", "quiet", "json", "tensorboard", "wandb", "dist_timeout", "command",
+            "_module", "stop_after_steps"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
-    _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
-                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb, **options)
+    try:
+        _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
+                          quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,
+                          dist_timeout=args.dist_timeout, stop_after_steps=args.stop_after_steps, **options)
+    except Interrupted as e:
+        print(f"flashsae: {e}", file=sys.stderr)
+        return 128 + e.signum if e.signum else 1
+    if not distributed.is_main():
+        return 0
     if result.interrupted:
         print(f"stopped at step {result.steps}; continue with: flashsae train ... --out {args.out} --resume")
         return 0

@@ -10,7 +10,9 @@ import csv
 import json
 import os
 import struct
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,11 @@ _SAFETENSORS_DTYPES = {
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "|u1",
 }
 _CSV_CHUNK_ROWS = 4096
+# What numpy's .npy header parser and zipfile raise on hostile bytes (a tokenizer and literal_eval
+# run on the header text; members may be truncated, encrypted or use unknown compression).
+_PARSE_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, tokenize.TokenError,
+                 RecursionError, OverflowError, struct.error, zlib.error, zipfile.BadZipFile,
+                 NotImplementedError, RuntimeError)
 
 
 class Source:
@@ -223,8 +230,17 @@ def _open_path(path: Path, name: str, key, image_shape) -> Source:
 
 
 def _open_dir(path: Path, name: str, key, image_shape) -> Source:
-    files = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".safetensors") and p.is_file()),
-                   key=lambda p: p.name)
+    info = _read_manifest(path / "manifest.json")
+    if isinstance(info.get("shards"), list):  # e.g. `flashsae harvest`: exactly the complete shards, in order
+        files = [_listed_shard(path, s) for s in info["shards"]]
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"{f} is listed in {path / 'manifest.json'} but missing")
+    else:
+        listed = info.get("aux_files")
+        aux = {a for a in listed if isinstance(a, str)} if isinstance(listed, list) else set()
+        files = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".safetensors") and p.is_file()
+                        and p.name not in aux and not p.name.startswith("tokens")), key=lambda p: p.name)
     if not files:
         raise DataError(f"{name} is a directory with no .npy or .safetensors shards")
     shards = []
@@ -240,13 +256,31 @@ def _open_dir(path: Path, name: str, key, image_shape) -> Source:
         if shards[-1].d_in != shards[0].d_in:
             raise DataError(f"{shard_name} has {shards[-1].d_in} columns but {shards[0].name} "
                             f"has {shards[0].d_in}; all shards must have the same width")
-    manifest = path / "manifest.json"
-    if image_shape is None and manifest.is_file():
-        try:
-            image_shape = json.loads(manifest.read_text()).get("image_shape")
-        except (ValueError, AttributeError) as e:
-            raise DataError(f"{manifest} is not a valid JSON object ({e})") from None
+    if image_shape is None:
+        image_shape = info.get("image_shape")
     return ShardedSource(shards, name, image_shape=image_shape)
+
+
+def _listed_shard(path: Path, entry) -> Path:
+    """A shard named in manifest.json: a file name (or {"file": name}) inside the directory itself."""
+    name = entry.get("file") if isinstance(entry, dict) else entry
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DataError(f"{path / 'manifest.json'} lists a shard {str(entry)[:80]!r} that is not a file name "
+                        "inside the directory")
+    return path / name
+
+
+def _read_manifest(manifest: Path) -> dict:
+    """A shard directory's optional manifest.json ({} when absent)."""
+    if not manifest.is_file():
+        return {}
+    try:
+        info = json.loads(manifest.read_text())
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{manifest} is not a valid JSON object ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{manifest} is not a valid JSON object")
+    return info
 
 
 def _validate_array(shape: tuple, dtype: np.dtype, name: str) -> None:
@@ -313,12 +347,12 @@ def _memmap_npy(path: Path, name: str) -> np.ndarray:
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read_header(f)
-    except (ValueError, OSError, SyntaxError) as e:
+    except _PARSE_ERRORS as e:
         raise DataError(f"{name} is not a valid .npy file ({e})") from None
     _validate_array(shape, dtype, name)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except _PARSE_ERRORS as e:
         raise DataError(f"{name} is truncated or not a valid .npy file ({e})") from None
 
 
@@ -332,10 +366,14 @@ def _load_npz(path: Path, name: str, key) -> np.ndarray:
             a = archive[key]
     except DataError:
         raise
-    except ValueError as e:  # object arrays need pickle, which is never enabled
-        raise DataError(f"{name}: array {key!r} holds non-numeric data ({e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        if "pickle" in str(e):  # object arrays need pickle, which is never enabled
+            raise DataError(f"{name}: array {key!r} holds non-numeric data ({e})") from None
         raise DataError(f"{name} is not a valid .npz file ({e})") from None
+    except MemoryError:
+        raise DataError(f"{name}: array {key!r} does not fit in memory; save it as .npy to memory-map it") from None
+    except _PARSE_ERRORS as e:
+        raise DataError(f"{name} is not a valid .npz file ({type(e).__name__}: {e})") from None
     _validate_array(a.shape, a.dtype, f"{name}[{key!r}]")
     return _readonly(np.ascontiguousarray(a, dtype=np.float32))
 
@@ -364,18 +402,24 @@ def _memmap_safetensors(path: Path, name: str, key) -> tuple[np.ndarray, bool]:
             header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
         keys = sorted(header)
-    except (ValueError, struct.error, AttributeError) as e:
+    except (ValueError, struct.error, AttributeError, RecursionError) as e:
         raise DataError(f"{name} is not a valid .safetensors file ({e})") from None
     key = _choose_key(keys, key, name, "tensor")
     info = header[key]
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-    if dtype is None:
-        raise DataError(f"{name}: tensor {key!r} has unsupported dtype {info.get('dtype')}; "
-                        f"supported: {', '.join(_SAFETENSORS_DTYPES)}")
-    shape = tuple(int(s) for s in info["shape"])
     label = f"{name}[{key!r}]"
+    try:
+        dtype_name = info["dtype"]
+        shape = tuple(int(s) for s in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise DataError(f"{label} has a malformed safetensors header entry ({str(info)[:100]})") from None
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise DataError(f"{name}: tensor {key!r} has unsupported dtype {dtype_name}; "
+                        f"supported: {', '.join(_SAFETENSORS_DTYPES)}")
     _validate_array(shape, dtype, label)
-    begin, end = (int(o) for o in info["data_offsets"])
+    if min(shape) < 0 or not 0 <= begin <= end:
+        raise DataError(f"{label} has a malformed safetensors header entry ({str(info)[:100]})")
     offset = 8 + header_len + begin
     if end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize or offset + end - begin > path.stat().st_size:
         raise DataError(f"{label} is truncated or its header does not match its data")

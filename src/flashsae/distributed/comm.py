@@ -56,7 +56,7 @@ class Comm:
         """Wait until every rank gets here."""
 
     def all_reduce_grads_(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Average the gradients of `params` over ranks (a missing gradient counts as zero)."""
+        """Average the gradients of `params` over ranks (parameters without a gradient are skipped)."""
 
     def broadcast_module_(self, module: torch.nn.Module) -> None:
         """Copy rank 0's parameters and buffers into `module` on every rank."""
@@ -120,11 +120,9 @@ class ProcessGroupComm(Comm):
         self._call("barrier", self._dist.barrier)
 
     def all_reduce_grads_(self, params) -> None:
-        grads = []
-        for p in params:
-            if p.grad is None:  # every rank must send the same tensors, or the collectives misalign
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+        # Which parameters have a gradient depends on the model and the AuxK switch, both the same on
+        # every rank, never on the data; a parameter without one is skipped by the optimizer too.
+        grads = [p.grad for p in params if p.grad is not None]
         # One asynchronous all-reduce per tensor (a handful per SAE), all in flight at once.
         works = [self._call("gradient all_reduce", self._dist.all_reduce, g, async_op=True) for g in grads]
         for w in works:
@@ -154,7 +152,7 @@ class ProcessGroupComm(Comm):
 _STATE = {"broken": False, "timeout_s": DEFAULT_TIMEOUT_S}
 
 
-def from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
+def from_env(timeout_s: float = DEFAULT_TIMEOUT_S, *, gpu_collectives: bool = True) -> Comm:
     """The Comm of this process: LOCAL, or a process group joined from torchrun's environment.
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; WORLD_SIZE > 1
@@ -162,6 +160,8 @@ def from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
 
     Args:
         timeout_s: how long a collective (and joining the group) may wait for the other ranks.
+        gpu_collectives: False joins with gloo only, for ranks that exchange nothing but a few
+            CPU values (sweeps): a dead peer is then noticed at once, however long the timeout.
 
     Raises:
         ConfigError: a bad timeout or an environment that cannot form a process group.
@@ -183,7 +183,8 @@ def from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Comm:
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with torchrun")
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        nccl = gpu_collectives and torch.cuda.is_available() and dist.is_nccl_available()
+        backend = "cpu:gloo,cuda:nccl" if nccl else "gloo"
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:

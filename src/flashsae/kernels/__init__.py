@@ -3,9 +3,14 @@
 `reference` is the specification in plain PyTorch; faster implementations (Triton on GPU) share
 its signatures and are chosen per call by device, availability and the `FLASHSAE_KERNELS`
 environment variable (`reference` or `triton`). Nothing is printed at import.
+
+Default: Triton for CUDA tensors when triton imports, the reference otherwise. `triton` forces the
+Triton kernels wherever they can run: CUDA tensors, or CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`, for tests); elsewhere the reference runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from torch import Tensor
@@ -13,17 +18,22 @@ from torch import Tensor
 from flashsae.kernels import reference
 
 
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _impl(device) -> str:
     choice = os.environ.get("FLASHSAE_KERNELS", "").strip().lower()
-    if choice in ("reference", "triton"):
-        return choice
-    if getattr(device, "type", str(device)) == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "reference"
-        return "triton"
-    return "reference"
+    if choice == "reference":
+        return "reference"
+    on_cuda = getattr(device, "type", str(device)) == "cuda"
+    runnable = on_cuda or (choice == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1")
+    return "triton" if runnable and _triton_importable() else "reference"
 
 
 def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,

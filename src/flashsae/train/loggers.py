@@ -102,22 +102,25 @@ class LiveCurves:
     A redraw happens at an evaluation row when at least `min_fraction` of the run's steps have
     passed since the last one, training has run `LIVE_CURVES_AFTER_S` seconds, and the time since
     the last redraw is at least 1/max_overhead times what that redraw took (plotting stays under
-    `max_overhead` of the wall time).
+    `max_overhead` of the wall time). `clock` tells the run's training time: wall time by default;
+    a model that shares a data pass with others passes its own share, so that the redraws of all
+    the models together stay under `max_overhead` and a short model is drawn only at the end.
     """
 
     def __init__(self, path: Path, history: list[dict], total_steps: int, *, min_fraction: float = 0.1,
-                 max_overhead: float = 0.1):
+                 max_overhead: float = 0.1, clock=time.perf_counter):
         self.path = Path(path)
         self.history = history
         self.min_steps = max(1, math.ceil(min_fraction * total_steps))
         self.max_overhead = max_overhead
         self.last_step = history[-1]["step"] if history else 0
-        self.next_time = time.perf_counter() + LIVE_CURVES_AFTER_S
+        self.clock = clock
+        self.next_time = clock() + LIVE_CURVES_AFTER_S
 
     def log(self, row: dict) -> None:
         if row.get("val_fvu") in ("", None) or row["step"] - self.last_step < self.min_steps:
             return
-        if time.perf_counter() < self.next_time:
+        if self.clock() < self.next_time:
             return
         from flashsae.viz import plots
 
@@ -125,7 +128,7 @@ class LiveCurves:
         plots.training_curves(self.history, self.path)
         took = time.perf_counter() - t0
         self.last_step = row["step"]
-        self.next_time = t0 + took + took / self.max_overhead
+        self.next_time = self.clock() + took / self.max_overhead
 
     def close(self) -> None:
         pass
@@ -191,7 +194,8 @@ class TrainingLogs:
 
     @classmethod
     def open(cls, work: Path | None, run_config: dict, history: list[dict], *, total_steps: int,
-             resume_step: int | None = None, tensorboard: bool = False, wandb: bool = False) -> "TrainingLogs":
+             resume_step: int | None = None, tensorboard: bool = False, wandb: bool = False,
+             clock=time.perf_counter) -> "TrainingLogs":
         """Open the sinks. Optional packages are checked first, so a missing one fails before any file is opened.
 
         Args:
@@ -200,13 +204,14 @@ class TrainingLogs:
             history: log rows so far (non-empty when resuming); the live curves read it as it grows.
             total_steps: steps the run will take (spacing of the live curves).
             resume_step: the step a resumed run restarts from; None for a fresh run.
+            clock: the run's training time in seconds (paces the live curves; see `LiveCurves`).
         """
         check_options(tensorboard=tensorboard, wandb=wandb, has_out=work is not None)
         sinks: list = []
         try:
             if work is not None:
                 sinks.append(JsonlLog(work / io.JSONL_LOG_FILE, history))
-                sinks.append(LiveCurves(work / io.CURVES_FILE, history, total_steps))
+                sinks.append(LiveCurves(work / io.CURVES_FILE, history, total_steps, clock=clock))
             if tensorboard:
                 sinks.append(TensorBoardLog(work / io.TENSORBOARD_DIR, run_config, resume_step=resume_step))
             if wandb:

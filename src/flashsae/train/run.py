@@ -12,6 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch
 from flashsae import distributed, io
 from flashsae.config import DataConfig, TrainConfig, to_dict
 from flashsae.data import BatchIterator, open_source, split_rows
+from flashsae.data.stream import open_stream, pop_stream_options
 from flashsae.errors import ConfigError, DataError
 from flashsae.eval.evaluate import evaluate
 from flashsae.preprocess import Scan, Standardizer, scan
@@ -46,7 +48,11 @@ class TrainResult:
 
 
 class Interrupted(Exception):
-    """Training stopped by a signal; a checkpoint was written."""
+    """Training stopped by a signal; a checkpoint was written. `signum` is the signal's number, if known."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +69,8 @@ def resolve_device(name: str) -> torch.device:
 
 def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False, quiet: bool = False,
           progress: bool | None = None, tensorboard: bool = False, wandb: bool = False,
-          dist_timeout: float = distributed.DEFAULT_TIMEOUT_S, comm: distributed.Comm | None = None, **options):
+          dist_timeout: float = distributed.DEFAULT_TIMEOUT_S, comm: distributed.Comm | None = None,
+          stop_after_steps: int | None = None, **options):
     """Train a sparse autoencoder.
 
     Args:
@@ -73,6 +80,8 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         overwrite: replace an existing `out`.
         resume: continue from the checkpoint left in `<out>.partial`.
         quiet: no progress bar or summary.
+        stop_after_steps: stop as if interrupted after this many steps, leaving a checkpoint for
+            `resume` (for testing crash recovery and for splitting a job).
         tensorboard: also write TensorBoard event files to `<out>/tensorboard` (needs tensorboard).
         wandb: also log to a Weights & Biases run (needs wandb; WANDB_MODE=offline works offline).
         dist_timeout: under torchrun, seconds a rank waits for the others before failing.
@@ -89,9 +98,12 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     if out is None and resume:
         raise ConfigError("resume needs an output directory")
     loggers.check_options(tensorboard=tensorboard, wandb=wandb, has_out=out is not None)
-    work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=comm.is_main()) if out is not None else None
+    # Validate now; the directory itself is created once the data and options have been checked, so
+    # that a user error leaves nothing behind.
+    work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=False) if out is not None else None
     saved = io.read_json(work / io.CONFIG_FILE) if resume else None
     resume_from, work = work, (work if comm.is_main() else None)  # only rank 0 writes
+    stream_cfg = pop_stream_options(options, data)  # --model/--hook/--text: training on the fly
     if saved is not None:
         options = {**saved["data"], **saved["train"], **{k: v for k, v in saved["model"].items() if k != "d_in"},
                    "architecture": saved["architecture"]}
@@ -103,8 +115,11 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     data_cfg = DataConfig(**data_opts)
     train_cfg = TrainConfig(**train_opts)
     spec = data if data is not None and not isinstance(data, (str, Path)) else data_cfg.data
-    source = open_source(spec, key=data_cfg.key, image_shape=data_cfg.image_shape,
-                         synthetic=data_cfg.synthetic_params() if isinstance(spec, str) and spec == "synthetic" else None)
+    stream = open_stream(stream_cfg, device=train_cfg.device, world_size=comm.world_size, resume=resume,
+                         progress=show)  # None unless training on the fly
+    source = stream.source if stream is not None else open_source(
+        spec, key=data_cfg.key, image_shape=data_cfg.image_shape,
+        synthetic=data_cfg.synthetic_params() if isinstance(spec, str) and spec == "synthetic" else None)
     if saved is not None and source.d_in != saved["model"]["d_in"]:
         raise DataError(f"{source.name} has {source.d_in} columns but the checkpoint was trained on {saved['model']['d_in']}")
     data_fp = checkpoint.fingerprint(source)
@@ -113,11 +128,77 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     comm.check_same("data", checkpoint.describe(source, data_fp))
     model_cfg = make_model_config(architecture, model_opts, source.d_in)
     device = comm.device(resolve_device(train_cfg.device))
-    if train_cfg.threads is not None:
-        torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
 
-    # One streaming pass: statistics and non-finite rows.
+    rows = _prepare_rows(source, data_cfg, train_cfg, comm, show)
+    stats, train_ids, val_ids, batch_size, standardizer = rows
+    threads = _cpu_threads(train_cfg, device, batch_size * source.d_in * model_cfg.d_sae)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    from flashsae import models
+
+    model = models.get(architecture)(model_cfg, standardizer).to(device)
+    total_steps, dead_after, eval_every = _schedule(train_cfg, len(train_ids), batch_size)
+    trainer = Trainer(model, train_cfg, total_steps=total_steps, dead_after_rows=dead_after, comm=comm)
+    batches = BatchIterator(source, train_ids, batch_size, seed=train_cfg.seed, shard=(comm.rank, comm.world_size)) \
+        if stream is None else stream.batches(train_ids, batch_size, seed=train_cfg.seed)
+    per_epoch = batches.batches_per_epoch()
+    eval_ids = val_ids[:4096] if len(val_ids) else train_ids[:4096]
+
+    run_config = _run_config(architecture, model_cfg, train_cfg, data_cfg, source, rows, data_fp,
+                             {"batch_size": batch_size, "total_steps": total_steps, "lr": trainer.base_lr,
+                              "dead_after_rows": dead_after, "device": str(device), "world_size": comm.world_size})
+    if stream is not None:
+        run_config["data_stats"]["activations"] = stream.describe()
+
+    state = {"step": 0, "rows_seen": 0, "history": [], "best": math.inf, "since_best": 0, "elapsed": 0.0}
+    if resume:
+        state = checkpoint.load(resume_from, model, trainer)
+    else:
+        _init_b_dec(model, source, train_ids, train_cfg.seed)
+        if work is not None:
+            io.prepare_out(out, overwrite=overwrite, resume=False, create=True)
+            io.write_json(work / io.CONFIG_FILE, run_config)
+    comm.broadcast_module_(model)  # every rank starts from rank 0's weights and standardiser
+
+    logs = loggers.TrainingLogs.open(work, run_config, state["history"], total_steps=total_steps,
+                                     resume_step=state["step"] + 1 if resume else None,
+                                     tensorboard=tensorboard and comm.is_main(), wandb=wandb and comm.is_main())
+    try:
+        interrupted = _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every,
+                                  train_cfg, work, show, on_log=logs.log, stop_after_steps=stop_after_steps)
+        metrics = _final_metrics(model, source, rows, state, show)
+        logs.summary(metrics, state["step"])
+    finally:
+        logs.close()
+        if stream is not None:
+            stream.close()
+    result = TrainResult(metrics, state["elapsed"], state["rows_seen"], state["step"], None, state["history"],
+                         interrupted)
+    if work is not None and not interrupted:
+        result.run_dir = _write_run(work, out, model, run_config, metrics, state["history"], source,
+                                    val_ids if len(val_ids) else train_ids)
+    elif work is not None:
+        result.run_dir = work
+    if show and not interrupted:
+        _summary(metrics, result.run_dir)
+    return model, result
+
+
+class PreparedRows(NamedTuple):
+    """The data side of a run, computed once per data pass (shared by every model trained on it)."""
+
+    stats: Scan                  # statistics of all rows (the scan)
+    train_ids: np.ndarray        # int64 training row ids
+    val_ids: np.ndarray          # int64 held-out row ids (may be empty)
+    batch_size: int              # resolved rows per optimizer step, over all ranks
+    standardizer: Standardizer   # fitted on the training rows
+
+
+def _prepare_rows(source, data_cfg: DataConfig, train_cfg: TrainConfig, comm, show: bool) -> PreparedRows:
+    """One streaming pass (statistics and non-finite rows), the train/held-out split, the batch size and the
+    standardiser; raises the user errors a bad data set or batch size causes."""
     stats = scan(source, progress=show)
     if len(stats.nonfinite_rows) and not data_cfg.drop_nonfinite:
         raise DataError(f"{source.name}: {len(stats.nonfinite_rows)} of {source.n_rows} rows contain NaN or Inf "
@@ -133,20 +214,22 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     if batch_size > len(train_ids):
         raise DataError(f"{source.name} has {len(train_ids)} training rows, fewer than one batch of {batch_size}")
     standardizer = Standardizer.from_scan(_exclude_rows(stats, source, val_ids), data_cfg.standardize)
+    return PreparedRows(stats, train_ids, val_ids, batch_size, standardizer)
 
-    from flashsae import models
 
-    model = models.get(architecture)(model_cfg, standardizer).to(device)
-    total_rows = _total_rows(train_cfg, len(train_ids))
-    total_steps = max(1, total_rows // batch_size)
-    dead_after = train_cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
-    trainer = Trainer(model, train_cfg, total_steps=total_steps, dead_after_rows=dead_after, comm=comm)
-    batches = BatchIterator(source, train_ids, batch_size, seed=train_cfg.seed, shard=(comm.rank, comm.world_size))
-    per_epoch = batches.batches_per_epoch()
-    eval_every = train_cfg.eval_every or max(1, total_steps // 10)
-    eval_ids = val_ids[:4096] if len(val_ids) else train_ids[:4096]
+def _schedule(cfg: TrainConfig, n_train: int, batch_size: int) -> tuple[int, int, int]:
+    """(total_steps, dead_after_rows, eval_every) of a run."""
+    total_steps = max(1, _total_rows(cfg, n_train) // batch_size)
+    dead_after = cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
+    eval_every = max(1, total_steps // 10) if cfg.eval_every is None else (cfg.eval_every or total_steps)
+    return total_steps, dead_after, eval_every
 
-    run_config = {
+
+def _run_config(architecture: str, model_cfg, train_cfg: TrainConfig, data_cfg: DataConfig, source,
+                rows: PreparedRows, data_fp: str, resolved: dict) -> dict:
+    """What config.json holds: exactly what ran, the data's statistics and the resolved defaults."""
+    stats = rows.stats
+    return {
         "format_version": io.FORMAT_VERSION,
         "library": "flashsae",
         "library_version": _version(),
@@ -154,54 +237,30 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         "model": model_cfg.to_dict(),
         "train": to_dict(train_cfg),
         "data": to_dict(data_cfg),
-        "preprocess": {"mode": standardizer.mode},
+        "preprocess": {"mode": rows.standardizer.mode},
         "data_stats": {"source": source.name, "n_rows": source.n_rows, "d_in": source.d_in,
-                       "n_train": int(len(train_ids)), "n_val": int(len(val_ids)),
+                       "n_train": int(len(rows.train_ids)), "n_val": int(len(rows.val_ids)),
                        "nonfinite_dropped": int(len(stats.nonfinite_rows)),
                        "image_shape": list(source.image_shape) if source.image_shape else None,
                        "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean()),
                        "fingerprint": data_fp},
-        "resolved": {"batch_size": batch_size, "total_steps": total_steps, "lr": trainer.base_lr,
-                     "dead_after_rows": dead_after, "device": str(device), "world_size": comm.world_size},
+        "resolved": resolved,
     }
 
-    state = {"step": 0, "rows_seen": 0, "history": [], "best": math.inf, "since_best": 0, "elapsed": 0.0}
-    if resume:
-        state = checkpoint.load(resume_from, model, trainer)
-    else:
-        _init_b_dec(model, source, train_ids, train_cfg.seed)
-        if work is not None:
-            io.write_json(work / io.CONFIG_FILE, run_config)
-    comm.broadcast_module_(model)  # every rank starts from rank 0's weights and standardiser
 
-    logs = loggers.TrainingLogs.open(work, run_config, state["history"], total_steps=total_steps,
-                                     resume_step=state["step"] + 1 if resume else None,
-                                     tensorboard=tensorboard and comm.is_main(), wandb=wandb and comm.is_main())
-    try:
-        interrupted = _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every,
-                                  train_cfg, work, show, on_log=logs.log)
-        model.eval()
-        metrics = dict(evaluate(model, source, val_ids if len(val_ids) else train_ids[:50_000], progress=show))
-        metrics.update(rows_seen=state["rows_seen"], steps=state["step"], train_seconds=round(state["elapsed"], 3),
-                       rows_per_s=round(state["rows_seen"] / max(state["elapsed"], 1e-9), 1),
-                       evaluated_on="held-out" if len(val_ids) else "training rows")
-        logs.summary(metrics, state["step"])
-    finally:
-        logs.close()
-    result = TrainResult(metrics, state["elapsed"], state["rows_seen"], state["step"], None, state["history"],
-                         interrupted)
-    if work is not None and not interrupted:
-        result.run_dir = _write_run(work, out, model, run_config, metrics, state["history"], source,
-                                    val_ids if len(val_ids) else train_ids)
-    elif work is not None:
-        result.run_dir = work
-    if show and not interrupted:
-        _summary(metrics, result.run_dir)
-    return model, result
+def _final_metrics(model, source, rows: PreparedRows, state: dict, show: bool) -> dict:
+    """Held-out metrics of the trained model (training rows when nothing is held out) plus the run's counts."""
+    model.eval()
+    held_out = len(rows.val_ids) > 0
+    metrics = dict(evaluate(model, source, rows.val_ids if held_out else rows.train_ids[:50_000], progress=show))
+    metrics.update(rows_seen=state["rows_seen"], steps=state["step"], train_seconds=round(state["elapsed"], 3),
+                   rows_per_s=round(state["rows_seen"] / max(state["elapsed"], 1e-9), 1),
+                   evaluated_on="held-out" if held_out else "training rows")
+    return metrics
 
 
 def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_ids, eval_every, cfg, work, show,
-                on_log=None):
+                on_log=None, stop_after_steps=None):
     """Steps until done; `on_log(row)` sees each log row after it joins the history (extra log sinks)."""
     model = trainer.model
     device = model.W_dec.device
@@ -235,8 +294,10 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
                     acc, n_acc = None, 0
                     trainer.refresh_aux()
                     if step % eval_every == 0 or done:
+                        t_eval = time.perf_counter()
                         v = evaluate(model, source, eval_ids)
                         model.train()
+                        t0 += time.perf_counter() - t_eval  # train_seconds counts training only
                         # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
                         v["fvu_standardized"], v["l0"] = comm.broadcast_(
                             torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
@@ -259,12 +320,13 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
                     checkpoint.save(work, model, trainer, state)
                 if cfg.patience and state["since_best"] >= cfg.patience:
                     total_steps = step  # early stop
-                if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and not done:
+                if stop_after_steps is not None and step >= stop_after_steps and not done:
                     stop["signal"] = "stop_after_steps"
                 # A signal may reach some ranks only: ranks agree at log steps (their one sync point).
                 if stop["signal"] == "stop_after_steps" or comm.agree_stop(stop["signal"] is not None,
                                                                           sync_point=at_log):
-                    raise Interrupted(stop["signal"] or "a signal to another rank")
+                    stop["signal"] = stop["signal"] or "a signal to another rank"
+                    raise Interrupted(stop["signal"])  # caught below
                 if step >= total_steps:
                     break
     except (Interrupted, KeyboardInterrupt):
@@ -273,7 +335,10 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
         if work is not None:
             checkpoint.save(work, model, trainer, state)
         if stop["signal"] != "stop_after_steps":
-            raise Interrupted(f"training interrupted at step {state['step']}; resume with --resume") from None
+            name = stop["signal"]
+            signum = getattr(signal, name, None) if isinstance(name, str) and name.startswith("SIG") else None
+            raise Interrupted(f"training interrupted by {name or 'an interrupt'} at step {state['step']}; "
+                              f"a checkpoint was written, continue with --resume", signum) from None
     finally:
         _restore_signal_handlers(old_handlers)
         if bar is not None:
@@ -343,6 +408,20 @@ def _summary(metrics: dict, run_dir) -> None:
         parts.append(f"recovery {metrics['recovery']:.3f}")
     parts.append(f"{metrics['rows_per_s']:,.0f} rows/s")
     print(f"{metrics['evaluated_on']}: " + ", ".join(parts) + (f" -> {run_dir}" if run_dir else ""))
+
+
+def _cpu_threads(cfg: TrainConfig, device: torch.device, macs_per_step: int) -> int | None:
+    """Threads for PyTorch's CPU kernels: the configured number, or 1 for small steps.
+
+    A step of a small SAE is ~100 short kernels; with several OpenMP threads each one waits for the
+    slowest worker to wake up, which costs more than the work itself (measured here on 2 cores: a
+    d=32, 128-latent step ran 27x faster on one thread than on two under load).
+    """
+    if cfg.threads is not None:
+        return cfg.threads
+    if device.type == "cpu" and macs_per_step < 2**27:
+        return 1
+    return None
 
 
 def _auto_batch(n_train: int) -> int:

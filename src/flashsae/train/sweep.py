@@ -2,8 +2,9 @@
 
 The grid and the artifacts (names, OUT/<name> run directories, sweep.csv, tradeoff.png) are kept
 apart from how the models are trained: `run_grid` hands the points to `train_each`, which trains
-them one after another with `train()`. A trainer that fits many SAEs on one data pass can take its
-place without touching the rest. Imports train.run, train.options, io and viz (lazily).
+them together on one data pass with `train_many` (points that read the data differently get a pass
+each), or one after another with `train()` when asked to. Imports train.run, train.multi,
+train.options, io and viz (lazily).
 """
 from __future__ import annotations
 
@@ -91,11 +92,14 @@ def validate_grid(grid: list[dict]) -> None:
 
 
 def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: bool = False,
-             tensorboard: bool = False, wandb: bool = False, comm: distributed.Comm | None = None) -> SweepResult:
+             tensorboard: bool = False, wandb: bool = False, separate: bool = False,
+             comm: distributed.Comm | None = None) -> SweepResult:
     """Train one model per grid point into OUT/<name>; write OUT/sweep.csv and OUT/tradeoff.png.
 
+    The models share one data pass (`train_many`): the data is read, scanned and standardised
+    once and every batch trains every model; the models equal those `train()` gives one by one.
     Under torchrun the points are shared out: rank r of W trains points r, r + W, ... alone (on
-    GPU LOCAL_RANK when there are GPUs), then rank 0 reads every model's metrics.json and writes
+    GPU LOCAL_RANK when there are GPUs; one pass over its share), then rank 0 reads every model's metrics.json and writes
     the table and the plot; the other ranks return an empty SweepResult.
 
     Args:
@@ -104,7 +108,9 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
         out: sweep directory.
         overwrite: replace existing model directories and tables in `out`.
         quiet: no progress bars or summaries.
-        tensorboard, wandb: extra log sinks for every model (see `train()`).
+        tensorboard, wandb: extra log sinks for every model (see `train()`); W&B trains the models
+            one by one (a process holds one W&B run).
+        separate: train the models one after another with `train()`, each reading the data itself.
         comm: the ranks to share the grid between; None joins torchrun's when WORLD_SIZE > 1.
 
     Returns:
@@ -128,7 +134,7 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
     if torch.cuda.is_available():
         comm.device(torch.device("cuda"))  # this rank's GPU becomes the default "cuda"
     trained = train_each(data, [grid[i] for i in mine], [out / names[i] for i in mine], overwrite=overwrite,
-                         quiet=quiet or not comm.is_main(), tensorboard=tensorboard, wandb=wandb)
+                         quiet=quiet or not comm.is_main(), tensorboard=tensorboard, wandb=wandb, separate=separate)
     comm.barrier()  # every model is written
     if not comm.is_main():
         return SweepResult([], out)
@@ -143,7 +149,7 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
 
 
 def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False, quiet: bool = False,
-          tensorboard: bool = False, wandb: bool = False, **options) -> SweepResult:
+          tensorboard: bool = False, wandb: bool = False, separate: bool = False, **options) -> SweepResult:
     """Train a grid: `sweep("digits", "runs/sweep", grid={"k": [4, 8, 16]}, latents=256)`.
 
     Every option in `grid` takes each of its values in turn (cartesian product); `options` are
@@ -152,14 +158,28 @@ def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False
     if out is None:
         raise ConfigError("a sweep needs an output directory (out=...)")
     return run_grid(data, expand_grid(grid, options), out, overwrite=overwrite, quiet=quiet,
-                    tensorboard=tensorboard, wandb=wandb)
+                    tensorboard=tensorboard, wandb=wandb, separate=separate)
 
 
 def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool, quiet: bool,
-               tensorboard: bool, wandb: bool) -> list[tuple[dict, Path]]:
-    """Train the grid's models one after another; return (held-out metrics, run directory) per point."""
+               tensorboard: bool, wandb: bool, separate: bool = False) -> list[tuple[dict, Path]]:
+    """Train the grid's models; return (held-out metrics, run directory) per point.
+
+    One data pass for all of them (`train_many`) unless `separate` (or W&B logging of several
+    models) asks for one `train()` after another.
+    """
     from flashsae.train.run import train
 
+    if not grid:
+        return []
+    if not separate and not (wandb and len(grid) > 1):
+        from flashsae.train.multi import train_many
+
+        if not quiet:
+            print(f"training {len(grid)} models on one data pass: {', '.join(d.name for d in run_dirs)}", flush=True)
+        trained = train_many(data, grid, outs=run_dirs, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
+                             wandb=wandb)
+        return [(result.metrics, result.run_dir) for _, result in trained]
     results = []
     for i, (point, run_dir) in enumerate(zip(grid, run_dirs)):
         if not quiet:
