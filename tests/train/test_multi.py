@@ -50,8 +50,8 @@ def test_models_trained_together_equal_models_trained_alone(monkeypatch):
         {"arch": "batchtopk", "k": 3, "d_sae": 32, **SMALL, "rows": 1600},      # leaves the pass halfway
         {"k": 3, "d_sae": 32, "lr": 1e-7, "patience": 1, "eval_every": 2, **SMALL},  # stops early
     ]
-    together = train_many("digits", configs, quiet=True)
-    assert workers == [min(len(os.sched_getaffinity(0)), len(configs))]  # one-thread models side by side
+    together = train_many("digits", configs, quiet=True, workers=2)
+    assert workers == [min(len(os.sched_getaffinity(0)), 2)]  # one-thread models side by side
     assert together[3][1].steps == 25 and together[4][1].steps < 50
     for cfg, (model, result) in zip(configs, together):
         alone_model, alone = train("digits", quiet=True, **cfg)
@@ -63,8 +63,7 @@ def test_models_trained_together_equal_models_trained_alone(monkeypatch):
 
 
 def test_run_directories_equal_those_train_writes(tmp_path):
-    configs = [{"k": 2, "d_sae": 32, **SMALL, "threads": 1},  # an explicit thread count: one model at a time
-               {"arch": "batchtopk", "k": 3, "d_sae": 32, **SMALL, "threads": 1, "rows": 1600}]
+    configs = [{"k": 2, "d_sae": 32, **SMALL}, {"arch": "batchtopk", "k": 3, "d_sae": 32, **SMALL, "rows": 1600}]
     together = train_many("digits", configs, outs=[tmp_path / "many" / "a", tmp_path / "many" / "b"], quiet=True)
     for cfg, (_, result), name in zip(configs, together, "ab"):
         alone = train("digits", out=tmp_path / "one" / name, quiet=True, **cfg)[1]
@@ -98,6 +97,8 @@ def test_arrays_are_read_once_and_the_models_are_independent():
 
 
 def test_user_errors(tmp_path):
+    with pytest.raises(ConfigError, match="workers must be >= 1, got 0"):
+        train_many("digits", [{"k": 2}], workers=0)
     with pytest.raises(ConfigError, match="at least one config"):
         train_many("digits", [])
     with pytest.raises(ConfigError, match="2 output directories for 1 configs"):

@@ -1,8 +1,8 @@
 """Triton fast path of the sparse kernels, with the signatures of `flashsae.kernels.reference`.
 
 `flashsae.kernels` imports this module lazily, per call, so installs without triton never load it.
-Kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (tests; set it before
-triton is imported). Imports torch and triton only.
+Kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (tests; it must be set
+before this module is first imported). Imports torch and triton only.
 
 Four kernels, each accumulating in fp32 and storing in the output's dtype (fp32 or bf16 inputs):
 

@@ -62,7 +62,7 @@ PASS_OPTIONS = ("seed", "batch_size", "device")
 
 def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite: bool = False,
                quiet: bool = False, progress: bool | None = None, tensorboard: bool = False,
-               wandb: bool = False) -> list[tuple]:
+               wandb: bool = False, workers: int = 1) -> list[tuple]:
     """Train one sparse autoencoder per config, sharing the data pass between them.
 
     Args:
@@ -74,6 +74,10 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
         progress: show the progress bar (default: not quiet).
         tensorboard: also write TensorBoard event files to each `<out>/tensorboard`.
         wandb: also log to Weights & Biases; one model per pass only (a process holds one W&B run).
+        workers: on the CPU, step up to this many models at the same time, each on its own thread,
+            when every model runs on one thread (threads=1, or a step small enough that train()
+            picks one); the numbers stay those of each model trained alone. It uses otherwise idle
+            cores; on a loaded 2-core machine it measured no faster, hence off by default.
 
     Returns:
         (model, TrainResult) per config, in the order of `configs`. A model's `train_seconds` is
@@ -88,6 +92,8 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
             `<out>.partial` (continue it alone with `train(..., out=..., resume=True)`).
     """
     configs = list(configs or [])
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     if not configs:
         raise ConfigError("train_many needs at least one config")
     if outs is not None and len(outs) != len(configs):
@@ -106,7 +112,8 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
     for n, group in enumerate(passes.values()):
         if not quiet and len(passes) > 1:
             print(f"[pass {n + 1}/{len(passes)}] {len(group)} model(s)", flush=True)
-        for m, res in zip(group, _train_pass(data, group, show=show, tensorboard=tensorboard, wandb=wandb)):
+        for m, res in zip(group, _train_pass(data, group, show=show, tensorboard=tensorboard, wandb=wandb,
+                                                  workers=workers)):
             results[m.index] = res
     return results
 
@@ -136,7 +143,8 @@ class _Member:
         self.pass_key = (repr(sorted(to_dict(self.data_cfg).items())), tuple(train_dict[k] for k in PASS_OPTIONS))
 
 
-def _train_pass(data, members: list[_Member], *, show: bool, tensorboard: bool, wandb: bool) -> list[tuple]:
+def _train_pass(data, members: list[_Member], *, show: bool, tensorboard: bool, wandb: bool,
+                workers: int) -> list[tuple]:
     """Set up every model of one pass on the shared data, train them together, return (model, result)."""
     data_cfg, train_cfg = members[0].data_cfg, members[0].train_cfg
     spec = data if data is not None and not isinstance(data, (str, Path)) else data_cfg.data
@@ -157,7 +165,7 @@ def _train_pass(data, members: list[_Member], *, show: bool, tensorboard: bool, 
             runs.append(_Run(m, model_cfg, source, rows, data_fp, device, b_dec=b_dec,
                              threads=threads or default_threads, show=show, tensorboard=tensorboard, wandb=wandb))
         batches = BatchIterator(source, rows.train_ids, rows.batch_size, seed=train_cfg.seed)
-        _loop(runs, batches, standardizer, device, show)
+        _loop(runs, batches, standardizer, device, show, workers)
     finally:
         for run in runs:
             run.logs.close()
@@ -298,20 +306,16 @@ def _compute(active: list[_Run], x, pool: ThreadPoolExecutor | None, n_workers: 
     return [wall * r.last_compute_s / total for r in active]
 
 
-def _workers(runs: list[_Run], device) -> int:
-    """Threads that step one-thread models at the same time (1: one model after another).
-
-    Used on the CPU when every model runs on one thread because its step is small (threads not set:
-    see `run._cpu_threads`): the other cores would otherwise sit idle, and small kernels gain
-    nothing from more OpenMP threads. An explicit `threads` is respected as a limit.
-    """
+def _workers(runs: list[_Run], device, requested: int) -> int:
+    """Threads that step models at the same time: `requested`, capped by the cores and the models, on
+    the CPU when every model steps on one thread (explicit threads=1, or a small step); else 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type != "cpu" or any(r.cfg.threads is not None or r.threads != 1 for r in runs):
+    if device.type != "cpu" or any(r.threads != 1 for r in runs):
         return 1
-    return max(1, min(cores, len(runs)))
+    return max(1, min(requested, cores, len(runs)))
 
 
-def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: bool) -> None:
+def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: bool, workers: int) -> None:
     """Read each batch once and step every unfinished model on it until all are done."""
     per_epoch = batches.batches_per_epoch()
     bar = None
@@ -322,7 +326,7 @@ def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: 
                    dynamic_ncols=True)
     stop = {"signal": None}
     old_handlers = _install_signal_handlers(stop)
-    n_workers = _workers(runs, device)
+    n_workers = _workers(runs, device, workers)
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix="flashsae-models", initializer=torch.set_num_threads,
                               initargs=(1,)) if n_workers > 1 else None
     step = 0
