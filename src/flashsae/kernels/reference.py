@@ -106,7 +106,8 @@ class _TopKEncode(torch.autograd.Function):
             idx = torch.cat([idx, aidx], dim=1)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc.to(g.dtype), per_sample_weights=g, mode="sum").to(x_c.dtype)
+            acc = _acc_dtype(g)
+            grad_x = F.embedding_bag(idx, W_enc.to(acc), per_sample_weights=g.to(acc), mode="sum").to(x_c.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             seg = LatentSegments(idx, W_enc.shape[0])
             if ctx.needs_input_grad[1]:
