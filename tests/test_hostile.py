@@ -20,7 +20,7 @@ from flashsae.data import open_source
 from flashsae.models import build
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flashsae"
-FUZZ = settings(max_examples=60, deadline=None, database=None,
+FUZZ = settings(max_examples=60, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 X = np.arange(12, dtype=np.float32).reshape(4, 3)
 

@@ -275,12 +275,40 @@ def load(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Load a trained model from a run directory (or a checkpoint directory of one)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    model = build_model(cfg)
     path = inside(run_dir, MODEL_FILE)
+    # Compare the shapes config.json implies with those stored in the file before allocating
+    # anything: a damaged config cannot make us allocate more than the file itself holds.
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
+    _check_stored_shapes(expected, _stored_shapes(path), path)
+    model = build_model(cfg)
     tensors = read_tensors(path)
     load_weights(model, tensors, path)
     model.run_config = cfg
     return model.to(device).eval()
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise ArtifactError(f"{path} is corrupt: {e}") from None
+
+
+def _check_stored_shapes(expected: dict[str, torch.Tensor], stored: dict[str, tuple], where: Path) -> None:
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise ArtifactError(f"{where} is corrupt: missing tensors {', '.join(missing[:5])}")
+    for name, ref in expected.items():
+        if stored[name] != tuple(ref.shape):
+            raise ArtifactError(f"{where} is corrupt: {name} has shape {stored[name]}, "
+                                f"config.json implies {tuple(ref.shape)}")
 
 
 def load_weights(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
