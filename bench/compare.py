@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", choices=["topk", "relu-l1"], default="topk")
     p.add_argument("--l1", type=float, help="L1 coefficient for --arch relu-l1 (default: the preset's)")
     p.add_argument("--lr", type=float, help="learning rate under 'recommended' (default: the preset's)")
+    p.add_argument("--flashsae-dtype", choices=["float32", "bfloat16"],
+                   help="flashsae's compute precision under 'recommended' (default: the preset's)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--with-defaults", action="store_true", help="also run each library with its own defaults")
@@ -114,7 +116,7 @@ def make_spec(args: argparse.Namespace, preset: dict) -> BenchSpec:
         dtype=preset["dtype"],
         warmup_steps=args.warmup_steps,
         seed=args.seed,
-        options=dict(preset["options"]),
+        options={**preset["options"], **({"flashsae_dtype": args.flashsae_dtype} if args.flashsae_dtype else {})},
     )
 
 

@@ -85,7 +85,8 @@ def run(spec: BenchSpec, X_train: torch.Tensor, X_val: torch.Tensor, *, settings
         lambda x: model.encode(x).float(), lambda c: model.decode(c).float(), X_val, device=spec.device
     )
     if settings == "recommended":
-        label = f"recommended ({'bf16' if spec.dtype == 'bfloat16' else 'fp32'}, lr={spec.lr:g})"
+        dtype = spec.options.get("flashsae_dtype", spec.dtype)
+        label = f"recommended ({'bf16' if dtype == 'bfloat16' else 'fp32'} matmuls, lr={spec.lr:g})"
     else:
         label = "defaults (flashsae.train defaults for lr and dtype)"
     return common.finish(

@@ -24,7 +24,8 @@ class LatentSegments:
 
     def __init__(self, indices: Tensor, d_sae: int):
         flat = indices.reshape(-1)
-        self.order = torch.argsort(flat, stable=True)
+        # int32 keys: PyTorch's parallel stable sort of int64 keys ran 100x slower here on 2 threads
+        self.order = torch.argsort(flat.to(torch.int32), stable=True)
         self.crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=flat.device)
         torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=self.crow[1:])
         self.rows = torch.div(self.order, indices.shape[1], rounding_mode="floor")
