@@ -13,8 +13,8 @@ from flashsae.models import SparseAutoencoder as SAEModule  # noqa: E402
 from flashsae.train.run import TrainResult, train  # noqa: E402
 from flashsae.train.multi import train_many  # noqa: E402
 
-__all__ = ["train", "train_many", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes", "ForwardOutput",
-           "TrainResult", "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]
+__all__ = ["train", "train_many", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes",
+           "ForwardOutput", "TrainResult", "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -50,8 +50,8 @@ def test_models_trained_together_equal_models_trained_alone(monkeypatch):
         {"arch": "batchtopk", "k": 3, "d_sae": 32, **SMALL, "rows": 1600},      # leaves the pass halfway
         {"k": 3, "d_sae": 32, "lr": 1e-7, "patience": 1, "eval_every": 2, **SMALL},  # stops early
     ]
-    together = train_many("digits", configs, quiet=True, workers=2)
-    assert workers == [min(len(os.sched_getaffinity(0)), 2)]  # one-thread models side by side
+    together = train_many("digits", configs, quiet=True)
+    assert workers == [min(len(os.sched_getaffinity(0)), len(configs))]  # one-thread models side by side
     assert together[3][1].steps == 25 and together[4][1].steps < 50
     for cfg, (model, result) in zip(configs, together):
         alone_model, alone = train("digits", quiet=True, **cfg)
@@ -64,7 +64,8 @@ def test_models_trained_together_equal_models_trained_alone(monkeypatch):
 
 def test_run_directories_equal_those_train_writes(tmp_path):
     configs = [{"k": 2, "d_sae": 32, **SMALL}, {"arch": "batchtopk", "k": 3, "d_sae": 32, **SMALL, "rows": 1600}]
-    together = train_many("digits", configs, outs=[tmp_path / "many" / "a", tmp_path / "many" / "b"], quiet=True)
+    together = train_many("digits", configs, outs=[tmp_path / "many" / "a", tmp_path / "many" / "b"], quiet=True,
+                          workers=1)  # one model at a time
     for cfg, (_, result), name in zip(configs, together, "ab"):
         alone = train("digits", out=tmp_path / "one" / name, quiet=True, **cfg)[1]
         a, b = result.run_dir, alone.run_dir
@@ -146,3 +147,28 @@ def test_live_curves_follow_the_clock_a_pass_gives_each_model(tmp_path, monkeypa
         curves.log(history[-1])
         drawn.append(curves.last_step)
     assert drawn == [0, 2, 2, 4]  # not before 5 s of its own time, nor right after a redraw
+
+
+def test_an_interrupted_pass_leaves_checkpoints_that_resume_alone(tmp_path, monkeypatch):
+    from flashsae.train import multi
+    from flashsae.train.run import Interrupted
+
+    stops = []
+    monkeypatch.setattr(multi, "_install_signal_handlers", lambda stop: stops.append(stop) or {})
+    after_step = multi._Run.after_step
+
+    def signal_at_step_10(self, n_rows, train_s):
+        after_step(self, n_rows, train_s)
+        if self.state["step"] == 10:
+            stops[0]["signal"] = "SIGTERM"  # as the handler would on `kill`
+
+    monkeypatch.setattr(multi._Run, "after_step", signal_at_step_10)
+    configs = [{"k": 2, "d_sae": 32, **SMALL}, {"k": 4, "d_sae": 32, **SMALL, "rows": 320}]
+    with pytest.raises(Interrupted, match="by SIGTERM at step 10; each unfinished model left a checkpoint"):
+        train_many("digits", configs, outs=[tmp_path / "a", tmp_path / "b"], quiet=True)
+    assert (tmp_path / "b" / io.MODEL_FILE).is_file()  # done at step 5, before the signal
+    assert not (tmp_path / "a").exists() and io.partial_dir(tmp_path / "a").is_dir()
+    monkeypatch.undo()
+    resumed, result = train("digits", out=tmp_path / "a", resume=True, quiet=True)
+    assert result.steps == 50
+    _assert_same_model(resumed, train("digits", quiet=True, **configs[0])[0])

@@ -7,8 +7,10 @@ HELP = "Train a grid of sparse autoencoders and compare their sparsity / reconst
 EPILOG = """Any model, data or training option given several values is a grid axis; the grid is the
 cartesian product of the axes. Each model is a normal run directory OUT/<name>; OUT/sweep.csv has
 one row per model and OUT/tradeoff.png plots FVU against L0. The models train together on one pass
-over the data (one pass per value of a data option, --seed, --batch-size, --device or --threads);
---separate trains them one after another, with the same result.
+over the data (one pass per value of a data option, --seed, --batch-size or --device); on the CPU,
+models whose steps are small enough for one thread step side by side on the cores (--threads N
+trains each model on N threads, one model at a time). --separate trains them one after another.
+The models come out the same either way.
 
 examples:
   flashsae sweep digits --k 4 8 16 32 --out runs/sweep

@@ -11,7 +11,9 @@ appearance, by the options in `PASS_OPTIONS` (every data option plus seed, batch
 and each group gets its own pass. Everything else may differ inside a pass, including `rows`/`epochs`
 and `patience`: a model that is done leaves the pass (it is evaluated and written at once) and the
 pass goes on while any model is still training. Each model steps with the CPU thread count `train()`
-would pick for it alone (`threads`, or one thread for a small step).
+would pick for it alone (`threads`, or one thread for a small step); when every model is on one
+thread, several step at the same time on their own threads (`workers`), which is where most of the
+CPU speedup comes from: sharing the data saves little next to the steps themselves.
 
 Imports train.run (its setup pieces, log rows and artifact writers), train.trainer, data, io and
 eval; never cli.
@@ -23,7 +25,7 @@ import math
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -62,7 +64,7 @@ PASS_OPTIONS = ("seed", "batch_size", "device")
 
 def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite: bool = False,
                quiet: bool = False, progress: bool | None = None, tensorboard: bool = False,
-               wandb: bool = False, workers: int = 1) -> list[tuple]:
+               wandb: bool = False, workers: int | None = None) -> list[tuple]:
     """Train one sparse autoencoder per config, sharing the data pass between them.
 
     Args:
@@ -76,13 +78,14 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
         wandb: also log to Weights & Biases; one model per pass only (a process holds one W&B run).
         workers: on the CPU, step up to this many models at the same time, each on its own thread,
             when every model runs on one thread (threads=1, or a step small enough that train()
-            picks one); the numbers stay those of each model trained alone. It uses otherwise idle
-            cores; on a loaded 2-core machine it measured no faster, hence off by default.
+            picks one); each model's numbers stay those it gets alone. None: one per core when
+            train() picked one thread for every model, one model at a time when `threads` is set.
 
     Returns:
         (model, TrainResult) per config, in the order of `configs`. A model's `train_seconds` is
-        the time of its own steps plus an equal share of the batch reading and standardisation,
-        so the models of one pass add up to the pass's training time.
+        its share of the pass's training time: its own steps (in proportion to their duration when
+        models step at once) plus an equal share of the batch reading and standardisation, so the
+        models of one pass add up to the pass's training time (evaluations excluded, as in train()).
 
     Raises:
         ConfigError: an invalid config, `outs` of the wrong length or with a repeated directory, an
@@ -92,7 +95,7 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
             `<out>.partial` (continue it alone with `train(..., out=..., resume=True)`).
     """
     configs = list(configs or [])
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     if not configs:
         raise ConfigError("train_many needs at least one config")
@@ -144,7 +147,7 @@ class _Member:
 
 
 def _train_pass(data, members: list[_Member], *, show: bool, tensorboard: bool, wandb: bool,
-                workers: int) -> list[tuple]:
+                workers: int | None) -> list[tuple]:
     """Set up every model of one pass on the shared data, train them together, return (model, result)."""
     data_cfg, train_cfg = members[0].data_cfg, members[0].train_cfg
     spec = data if data is not None and not isinstance(data, (str, Path)) else data_cfg.data
@@ -163,12 +166,15 @@ def _train_pass(data, members: list[_Member], *, show: bool, tensorboard: bool, 
         for m, model_cfg in zip(members, model_cfgs):
             threads = _cpu_threads(m.train_cfg, device, rows.batch_size * source.d_in * model_cfg.d_sae)
             runs.append(_Run(m, model_cfg, source, rows, data_fp, device, b_dec=b_dec,
-                             threads=threads or default_threads, show=show, tensorboard=tensorboard, wandb=wandb))
+                             threads=threads or default_threads, tensorboard=tensorboard, wandb=wandb))
         batches = BatchIterator(source, rows.train_ids, rows.batch_size, seed=train_cfg.seed)
         _loop(runs, batches, standardizer, device, show, workers)
     finally:
         for run in runs:
             run.logs.close()
+    if show:
+        for run in runs:
+            _summary(run.result.metrics, run.result.run_dir)
     return [(run.model, run.result) for run in runs]
 
 
@@ -176,14 +182,14 @@ class _Run:
     """One model of a pass: its trainer, loop state and log sinks, mirroring `run._train_loop`."""
 
     def __init__(self, member: _Member, model_cfg, source, rows: PreparedRows, data_fp: str, device, *,
-                 b_dec: dict, threads: int, show: bool, tensorboard: bool, wandb: bool):
+                 b_dec: dict, threads: int, tensorboard: bool, wandb: bool):
         from flashsae import models
 
         cfg = self.cfg = member.train_cfg
         # As train() would run this model alone; the loop switches before each model's step.
         self.threads = threads
         torch.set_num_threads(threads)
-        self.source, self.rows, self.show = source, rows, show
+        self.source, self.rows = source, rows
         torch.manual_seed(cfg.seed)  # the same initial weights as train() with this seed
         self.model = models.get(member.architecture)(model_cfg, copy.deepcopy(rows.standardizer)).to(device)
         self.total_steps, dead_after, self.eval_every = _schedule(cfg, len(rows.train_ids), rows.batch_size)
@@ -228,6 +234,8 @@ class _Run:
     def after_step(self, n_rows: int, train_s: float) -> None:
         """The loop's bookkeeping after a step (log, evaluation, checkpoint, early stopping), on the main
         thread; `train_s` is the step's time plus this model's share of the batch's preparation."""
+        if torch.get_num_threads() != self.threads:  # evaluation runs as it would alone too
+            torch.set_num_threads(self.threads)
         state, cfg = self.state, self.cfg
         t0 = time.perf_counter() - state["elapsed"] - train_s  # perf_counter() - t0 is this model's training time
         state["step"] += 1
@@ -263,7 +271,7 @@ class _Run:
         """Final held-out evaluation and the run directory, as `train()` writes them."""
         rows, state = self.rows, self.state
         torch.set_num_threads(self.threads)
-        metrics = _final_metrics(self.model, self.source, rows, state, self.show)
+        metrics = _final_metrics(self.model, self.source, rows, state, False)  # the pass has one progress bar
         self.logs.summary(metrics, state["step"])
         self.logs.close()
         self.result = TrainResult(metrics, state["elapsed"], state["rows_seen"], state["step"], None,
@@ -272,8 +280,6 @@ class _Run:
             self.result.run_dir = _write_run(self.work, self.out, self.model, self.run_config, metrics,
                                              state["history"], self.source,
                                              rows.val_ids if len(rows.val_ids) else rows.train_ids)
-        if self.show:
-            _summary(metrics, self.result.run_dir)
 
 
 def _compute(active: list[_Run], x, pool: ThreadPoolExecutor | None, n_workers: int) -> list[float]:
@@ -299,23 +305,35 @@ def _compute(active: list[_Run], x, pool: ThreadPoolExecutor | None, n_workers: 
         groups[i].append(run)
         load[i] += run.last_compute_s or 1.0
     t = time.perf_counter()
-    for future in [pool.submit(lambda g: [r.compute(x) for r in g], g) for g in groups]:
-        future.result()
+    futures = [pool.submit(lambda g: [r.compute(x) for r in g], g) for g in groups]
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        wait(futures)  # no model is still changing when an interrupt writes the checkpoints
     wall = time.perf_counter() - t
     total = sum(r.last_compute_s for r in active) or 1.0
     return [wall * r.last_compute_s / total for r in active]
 
 
-def _workers(runs: list[_Run], device, requested: int) -> int:
-    """Threads that step models at the same time: `requested`, capped by the cores and the models, on
-    the CPU when every model steps on one thread (explicit threads=1, or a small step); else 1."""
+def _workers(runs: list[_Run], device, requested: int | None) -> int:
+    """Threads that step models at the same time (1: one after another).
+
+    Only on the CPU when every model steps on one thread. A small step runs fastest on one thread
+    (OpenMP wake-ups cost more than the work, see `run._cpu_threads`), so the other cores are better
+    spent on other models: by default one worker per core when train() picked one thread for every
+    model. An explicit `threads` is a limit the default respects; `requested` overrides it.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type != "cpu" or any(r.threads != 1 for r in runs):
         return 1
+    if requested is None:
+        requested = 1 if any(r.cfg.threads is not None for r in runs) else cores
     return max(1, min(requested, cores, len(runs)))
 
 
-def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: bool, workers: int) -> None:
+def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: bool,
+          workers: int | None) -> None:
     """Read each batch once and step every unfinished model on it until all are done."""
     per_epoch = batches.batches_per_epoch()
     bar = None
@@ -357,8 +375,9 @@ def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: 
                 checkpoint.save(run.work, run.model, run.trainer, run.state)
         name = stop["signal"]
         signum = getattr(signal, name, None) if isinstance(name, str) and name.startswith("SIG") else None
-        raise Interrupted(f"training interrupted by {name or 'an interrupt'} at step {step}; each unfinished model "
-                          "left a checkpoint, continue one with flashsae train --resume --out DIR", signum) from None
+        saved = "; each unfinished model left a checkpoint, continue one with flashsae train --resume --out DIR" \
+            if any(r.work is not None and not r.finished for r in runs) else ""
+        raise Interrupted(f"training interrupted by {name or 'an interrupt'} at step {step}{saved}", signum) from None
     finally:
         if pool is not None:
             pool.shutdown()

@@ -410,8 +410,11 @@ def _summary(metrics: dict, run_dir) -> None:
     print(f"{metrics['evaluated_on']}: " + ", ".join(parts) + (f" -> {run_dir}" if run_dir else ""))
 
 
+_DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice, before any run changes it
+
+
 def _cpu_threads(cfg: TrainConfig, device: torch.device, macs_per_step: int) -> int | None:
-    """Threads for PyTorch's CPU kernels: the configured number, or 1 for small steps.
+    """Threads for PyTorch's CPU kernels: the configured number, 1 for small steps, else PyTorch's default.
 
     A step of a small SAE is ~100 short kernels; with several OpenMP threads each one waits for the
     slowest worker to wake up, which costs more than the work itself (measured here on 2 cores: a
@@ -421,7 +424,7 @@ def _cpu_threads(cfg: TrainConfig, device: torch.device, macs_per_step: int) -> 
         return cfg.threads
     if device.type == "cpu" and macs_per_step < 2**27:
         return 1
-    return None
+    return _DEFAULT_THREADS if device.type == "cpu" else None
 
 
 def _auto_batch(n_train: int) -> int:

@@ -99,8 +99,8 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
     The models share one data pass (`train_many`): the data is read, scanned and standardised
     once and every batch trains every model; the models equal those `train()` gives one by one.
     Under torchrun the points are shared out: rank r of W trains points r, r + W, ... alone (on
-    GPU LOCAL_RANK when there are GPUs; one pass over its share), then rank 0 reads every model's metrics.json and writes
-    the table and the plot; the other ranks return an empty SweepResult.
+    GPU LOCAL_RANK when there are GPUs; one pass over its share), then rank 0 reads every model's
+    metrics.json and writes the table and the plot; the other ranks return an empty SweepResult.
 
     Args:
         data: what `train()` accepts (array, path or built-in name), shared by every point.
