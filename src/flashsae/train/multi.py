@@ -43,6 +43,7 @@ from flashsae.train.run import (
     PreparedRows,
     TrainResult,
     _cpu_threads,
+    _record_eval,
     _final_metrics,
     _init_b_dec,
     _install_signal_handlers,
@@ -251,11 +252,7 @@ class _Run:
                 v = evaluate(self.model, self.source, self.eval_ids)
                 self.model.train()
                 t0 += time.perf_counter() - t_eval  # train_seconds counts training only
-                row["val_fvu"], row["val_l0"] = v["fvu_standardized"], v["l0"]
-                if v["fvu_standardized"] < state["best"] * (1 - 1e-3):
-                    state["best"], state["since_best"] = v["fvu_standardized"], 0
-                else:
-                    state["since_best"] += 1
+                _record_eval(state, row, v)
             state["history"].append(row)
             self.logs.log(row)
             if self.work is not None:

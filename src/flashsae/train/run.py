@@ -301,11 +301,7 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
                         # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
                         v["fvu_standardized"], v["l0"] = comm.broadcast_(
                             torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
-                        row["val_fvu"], row["val_l0"] = v["fvu_standardized"], v["l0"]
-                        if v["fvu_standardized"] < state["best"] * (1 - 1e-3):
-                            state["best"], state["since_best"] = v["fvu_standardized"], 0
-                        else:
-                            state["since_best"] += 1
+                        _record_eval(state, row, v)
                     state["history"].append(row)
                     if on_log is not None:
                         on_log(row)
@@ -346,6 +342,15 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
     if not interrupted:
         state["elapsed"] = time.perf_counter() - t0
     return interrupted
+
+
+def _record_eval(state: dict, row: dict, v: dict) -> None:
+    """Put a held-out evaluation into the log row and the early-stopping state."""
+    row["val_fvu"], row["val_l0"] = v["fvu_standardized"], v["l0"]
+    if v["fvu_standardized"] < state["best"] * (1 - 1e-3):
+        state["best"], state["since_best"] = v["fvu_standardized"], 0
+    else:
+        state["since_best"] += 1
 
 
 def _log_row(trainer, means, state, t0) -> dict:
