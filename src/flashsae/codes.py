@@ -31,16 +31,14 @@ _NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, TypeError, IndexError, A
 
 def open_for_model(model, data, *, key: str | None = None, drop_nonfinite: bool = False, progress: bool = False):
     """Open `data` for a trained model: check its width and non-finite rows; return (source, row_ids)."""
-    from flashsae.preprocess import scan
+    from flashsae.preprocess import require_finite, scan
 
     source = open_source(data, key=key)
     if source.d_in != model.d_in:
         raise DataError(f"{source.name} has {source.d_in} columns but the model expects {model.d_in}")
     stats = scan(source, progress=progress)
+    require_finite(stats, source, drop_nonfinite=drop_nonfinite)
     bad = stats.nonfinite_rows
-    if len(bad) and not drop_nonfinite:
-        raise DataError(f"{source.name}: {len(bad)} of {source.n_rows} rows contain NaN or Inf "
-                        f"(first at row {int(bad[0])}); pass --drop-nonfinite to skip them")
     row_ids = np.setdiff1d(np.arange(source.n_rows, dtype=np.int64), bad) if len(bad) else None
     return source, row_ids
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flashsae.errors import ConfigError
+from flashsae.errors import ConfigError, DataError
 
 # Upper bound on the values one scan chunk holds (64 MiB of float32), whatever chunk_rows says,
 # so wide activations (d_in in the thousands) do not need gigabytes of float64 temporaries.
@@ -96,6 +96,14 @@ def scan(source, *, chunk_rows: int = 65536, progress: bool = False) -> Scan:
     return Scan(n_rows=source.n_rows, nonfinite_rows=nonfinite, mean=mean, var=var,
                 mean_sq_norm=float(mean_sq_norm))
 
+
+
+def require_finite(stats: Scan, source, *, drop_nonfinite: bool) -> None:
+    """Refuse data with NaN or Inf rows unless they are to be dropped (the scan found them)."""
+    bad = stats.nonfinite_rows
+    if len(bad) and not drop_nonfinite:
+        raise DataError(f"{source.name}: {len(bad)} of {source.n_rows} rows contain NaN or Inf "
+                        f"(first at row {int(bad[0])}); pass --drop-nonfinite to skip them")
 
 class Standardizer(nn.Module):
     """Affine input map `x_std = (x - mean) / scale`, fitted from a `Scan`.

@@ -23,7 +23,7 @@ from flashsae.data import BatchIterator, open_source, split_rows
 from flashsae.data.stream import open_stream, pop_stream_options
 from flashsae.errors import ConfigError, DataError
 from flashsae.eval.evaluate import evaluate
-from flashsae.preprocess import Scan, Standardizer, scan
+from flashsae.preprocess import Scan, Standardizer, require_finite, scan
 from flashsae.train import checkpoint, loggers
 from flashsae.train.options import make_model_config, split_options
 from flashsae.train.trainer import Trainer
@@ -200,9 +200,7 @@ def _prepare_rows(source, data_cfg: DataConfig, train_cfg: TrainConfig, comm, sh
     """One streaming pass (statistics and non-finite rows), the train/held-out split, the batch size and the
     standardiser; raises the user errors a bad data set or batch size causes."""
     stats = scan(source, progress=show)
-    if len(stats.nonfinite_rows) and not data_cfg.drop_nonfinite:
-        raise DataError(f"{source.name}: {len(stats.nonfinite_rows)} of {source.n_rows} rows contain NaN or Inf "
-                        f"(first at row {int(stats.nonfinite_rows[0])}); pass --drop-nonfinite to skip them")
+    require_finite(stats, source, drop_nonfinite=data_cfg.drop_nonfinite)
     train_ids, val_ids = split_rows(source.n_rows, stats.nonfinite_rows, val_fraction=data_cfg.val_fraction,
                                     seed=train_cfg.seed)
     if len(train_ids) == 0:
