@@ -186,13 +186,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path} is corrupt: {e}") from None
 
 
-def model_tensors(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()}
-
-
 def save_model(run_dir: Path, model, config: dict) -> None:
     run_dir = Path(run_dir)
-    write_tensors(run_dir / MODEL_FILE, model_tensors(model), {"format": "flashsae", "architecture": model.architecture})
+    write_tensors(run_dir / MODEL_FILE, model.state_dict(), {"format": "flashsae", "architecture": model.architecture})
     write_json(run_dir / CONFIG_FILE, config)
 
 

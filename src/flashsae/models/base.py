@@ -79,7 +79,6 @@ class SparseAutoencoder(nn.Module):
 
     architecture = "base"
     config_cls: type[ModelConfig] = ModelConfig
-    sparse_codes = False  # forward returns SparseCodes
     k_limited = False     # at most k latents fire per row (top-k family)
 
     def __init__(self, cfg: ModelConfig, standardizer: Standardizer | None = None):
@@ -214,10 +213,6 @@ class SparseAutoencoder(nn.Module):
             eye = torch.eye(self.d_sae, device=self.W_dec.device)
             return self.decode(eye) - base
         return self.W_dec * self.standardizer.scale
-
-    def extra_state_tensors(self) -> dict[str, Tensor]:
-        """Buffers other than parameters that must be saved (thresholds); default none."""
-        return {}
 
 
 def _kaiming(fan_out: int, fan_in: int) -> Tensor:

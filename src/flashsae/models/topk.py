@@ -61,7 +61,6 @@ class TopKSAE(SparseAutoencoder):
     """Keep the k largest ReLU pre-activations per row."""
 
     config_cls = TopKConfig
-    sparse_codes = True
     k_limited = True
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
