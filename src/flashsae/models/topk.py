@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from flashsae import kernels
+from flashsae.kernels import cpu_topk
 from flashsae.errors import ConfigError
 from flashsae.models.base import ForwardOutput, ModelConfig, SparseAutoencoder, SparseCodes
 from flashsae.models.registry import register
@@ -52,7 +53,7 @@ class BatchTopKConfig(TopKConfig):
 
 def _dense_aux(pre: Tensor, aux_mask: Tensor, k_aux: int) -> SparseCodes:
     masked = pre.masked_fill(~aux_mask, float("-inf"))
-    top, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    top, idx = cpu_topk.topk(masked, k_aux)
     return SparseCodes(torch.relu(top), idx)
 
 
@@ -73,7 +74,7 @@ class TopKSAE(SparseAutoencoder):
             aux_codes = SparseCodes(aux_values, aux_idx) if k_aux else None
         else:
             pre = self.pre_acts(x)
-            top, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+            top, idx = cpu_topk.topk(pre, cfg.k)
             codes = SparseCodes(torch.relu(top), idx)
             aux_codes = _dense_aux(pre, aux_mask, k_aux) if k_aux else None
         x_hat = self.decode_codes(codes)

@@ -1,0 +1,290 @@
+/* Row-wise top-k selection for the CPU training path.
+ *
+ * For each row of a (rows, n) matrix, the k largest entries and their column indices, in no
+ * particular order (torch.topk(..., sorted=False) semantics; NaN counts as the largest value).
+ *
+ * Two reads of the row instead of a sort: the maximum of every group of 16 entries (with
+ * AVX-512, an elementwise maximum of 16 vectors gives 16 group maxima at once), then the k-th
+ * largest of those maxima, `thr`, which is a lower bound on the row's k-th largest entry. Only
+ * groups whose maximum reaches `thr` can hold an answer, so only about k groups are read again,
+ * entry by entry, into a heap of size k. torch.topk instead copies every row into (value, index)
+ * pairs and partially sorts them. Requires k <= n / 16 (rounded up). Rows are split over
+ * `threads` POSIX threads.
+ *
+ * Built on first use by flashsae.kernels.cpu_topk with the system C compiler; no Python or
+ * PyTorch headers.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define VEC 16 /* entries per block: one AVX-512 vector of floats */
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Order key: NaN above everything, as torch.topk ranks it. */
+static inline float key_of(float v) { return isnan(v) ? INFINITY : v; }
+
+static inline void sift_down(float *hv, int64_t *hi, int64_t k, int64_t pos) {
+    float v = hv[pos];
+    int64_t id = hi[pos];
+    for (;;) {
+        int64_t c = 2 * pos + 1;
+        if (c >= k) break;
+        if (c + 1 < k && hv[c + 1] < hv[c]) c++;
+        if (!(hv[c] < v)) break;
+        hv[pos] = hv[c];
+        hi[pos] = hi[c];
+        pos = c;
+    }
+    hv[pos] = v;
+    hi[pos] = id;
+}
+
+static inline void sift_up(float *hv, int64_t *hi, int64_t pos) {
+    float v = hv[pos];
+    int64_t id = hi[pos];
+    while (pos > 0) {
+        int64_t p = (pos - 1) / 2;
+        if (!(v < hv[p])) break;
+        hv[pos] = hv[p];
+        hi[pos] = hi[p];
+        pos = p;
+    }
+    hv[pos] = v;
+    hi[pos] = id;
+}
+
+/* Heap of the best k keys seen: `*count` fills up to k, then the root is the k-th best. */
+static inline void offer(float *hv, int64_t *hi, int64_t k, int64_t *count, float key, int64_t i) {
+    if (*count < k) {
+        hv[*count] = key;
+        hi[*count] = i;
+        sift_up(hv, hi, (*count)++);
+    } else if (key > hv[0]) {
+        hv[0] = key;
+        hi[0] = i;
+        sift_down(hv, hi, k, 0);
+    }
+}
+
+/* Groups of VEC entries: in each full chunk of VEC * VEC entries, group l is the entries at
+ * offsets l, l + VEC, l + 2 VEC, ... (so one chunk's VEC group maxima are an elementwise maximum
+ * of VEC vectors, with no reduction across lanes); past the last full chunk, contiguous runs of
+ * VEC entries (the last one may be short). Returns the number of groups. */
+#define CHUNK (VEC * VEC)
+
+static inline int64_t n_groups(int64_t n) { return (n / CHUNK) * VEC + (n % CHUNK + VEC - 1) / VEC; }
+
+#define GROUP_MAX(NAME, T, LOAD, VLOAD)                                                         \
+    static void NAME(const T *x, int64_t n, float *gmax) {                                     \
+        int64_t nc = n / CHUNK, g = nc * VEC;                                                  \
+        for (int64_t c = 0; c < nc; c++) {                                                     \
+            const T *p = x + c * CHUNK;                                                        \
+            VECTOR_MAX(p, VLOAD, gmax + c * VEC)                                               \
+        }                                                                                      \
+        for (int64_t i = nc * CHUNK; i < n; i += VEC, g++) {                                   \
+            float m = -INFINITY;                                                               \
+            for (int64_t j = i; j < i + VEC && j < n; j++) {                                   \
+                float v = key_of(LOAD(x[j]));                                                  \
+                m = v > m ? v : m;                                                             \
+            }                                                                                  \
+            gmax[g] = m;                                                                       \
+        }                                                                                      \
+    }
+
+#ifdef __AVX512F__
+#define VLOAD_F32(p) _mm512_loadu_ps(p)
+#define VLOAD_BF16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define VECTOR_MAX(p, VLOAD, out)                                                               \
+    {                                                                                          \
+        const __m512 inf = _mm512_set1_ps(INFINITY);                                           \
+        __m512 m = _mm512_set1_ps(-INFINITY);                                                  \
+        for (int v = 0; v < VEC; v++) {                                                        \
+            __m512 a = VLOAD((p) + v * VEC);                                                   \
+            a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);            \
+            m = _mm512_max_ps(a, m);                                                           \
+        }                                                                                      \
+        _mm512_storeu_ps(out, m);                                                              \
+    }
+#else
+#define VLOAD_F32(p) (p)
+#define VLOAD_BF16(p) (p)
+#define VECTOR_MAX(p, VLOAD, out)                                                               \
+    {                                                                                          \
+        float m[VEC];                                                                          \
+        for (int l = 0; l < VEC; l++) m[l] = -INFINITY;                                        \
+        for (int v = 0; v < VEC; v++)                                                          \
+            for (int l = 0; l < VEC; l++) {                                                    \
+                float a = key_of(LOAD((p)[v * VEC + l]));                                      \
+                m[l] = a > m[l] ? a : m[l];                                                    \
+            }                                                                                  \
+        memcpy(out, m, sizeof m);                                                              \
+    }
+#endif
+
+/* One row, exact. The k-th largest group maximum `thr` is a lower bound on the row's k-th largest
+ * entry (the k groups with the largest maxima hold k distinct entries >= thr), so only entries
+ * >= thr can be in the answer, and there are few of them: about k plus a handful. With AVX-512
+ * both selections test 16 values per comparison and walk only the lanes that pass. */
+#ifdef __AVX512F__
+static inline float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_t *hi) {
+    int64_t count = 0, i = 0;
+    for (; i < k; i++) offer(hv, hi, k, &count, v[i], i);
+    for (; i < n && i % VEC; i++) offer(hv, hi, k, &count, v[i], i);
+    for (; i + VEC <= n; i += VEC) {
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), _mm512_set1_ps(hv[0]), _CMP_GT_OQ);
+        for (; m; m &= m - 1) offer(hv, hi, k, &count, v[i + __builtin_ctz(m)], i + __builtin_ctz(m));
+    }
+    for (; i < n; i++) offer(hv, hi, k, &count, v[i], i);
+    return hv[0];
+}
+
+#define ROW_TOPK(NAME, T, LOAD, VLOAD, GMAX)                                                    \
+    static void NAME(const T *x, int64_t n, int64_t k, float *gmax, float *hv, int64_t *hi,    \
+                     int64_t *gi) {                                                            \
+        int64_t ng = n_groups(n), nc = n / CHUNK, count = 0;                                   \
+        GMAX(x, n, gmax);                                                                      \
+        const float thr = kth_largest(gmax, ng, k, hv, gi);                                    \
+        const __m512 t = _mm512_set1_ps(thr);                                                  \
+        for (int64_t c = 0; c < nc; c++) {                                                     \
+            if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(gmax + c * VEC), t, _CMP_GE_OQ)) continue; \
+            for (int64_t i = c * CHUNK; i < (c + 1) * CHUNK; i += VEC) {                       \
+                /* not-less-than, unordered: NaN entries pass too */                           \
+                __mmask16 m = _mm512_cmp_ps_mask(VLOAD(x + i), t, _CMP_NLT_UQ);                \
+                for (; m; m &= m - 1) {                                                        \
+                    int64_t j = i + __builtin_ctz(m);                                          \
+                    offer(hv, hi, k, &count, key_of(LOAD(x[j])), j);                           \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int64_t i = nc * CHUNK; i < n; i++) {                                             \
+            float key = key_of(LOAD(x[i]));                                                    \
+            if (key >= thr) offer(hv, hi, k, &count, key, i);                                  \
+        }                                                                                      \
+    }
+#else
+#define ROW_TOPK(NAME, T, LOAD, VLOAD, GMAX)                                                    \
+    static void NAME(const T *x, int64_t n, int64_t k, float *gmax, float *hv, int64_t *hi,    \
+                     int64_t *gi) {                                                            \
+        int64_t ng = n_groups(n), nc = n / CHUNK, count = 0;                                   \
+        GMAX(x, n, gmax);                                                                      \
+        for (int64_t g = 0; g < ng; g++) offer(hv, gi, k, &count, gmax[g], g);                 \
+        const float thr = hv[0];                                                               \
+        count = 0;                                                                             \
+        for (int64_t g = 0; g < ng; g++) {                                                     \
+            if (gmax[g] < thr) continue;                                                       \
+            int64_t start, step, end;                                                          \
+            if (g < nc * VEC) {                                                                \
+                start = (g / VEC) * CHUNK + g % VEC;                                           \
+                step = VEC;                                                                    \
+                end = start + CHUNK;                                                           \
+            } else {                                                                           \
+                start = nc * CHUNK + (g - nc * VEC) * VEC;                                     \
+                step = 1;                                                                      \
+                end = start + VEC < n ? start + VEC : n;                                       \
+            }                                                                                  \
+            for (int64_t i = start; i < end; i += step) {                                      \
+                float key = key_of(LOAD(x[i]));                                                \
+                if (key >= thr) offer(hv, hi, k, &count, key, i);                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+#endif
+
+#define LOAD_F32(v) (v)
+#define LOAD_BF16(v) bf16_to_f32(v)
+#ifdef __AVX512F__
+GROUP_MAX(group_max_f32, float, LOAD_F32, VLOAD_F32)
+GROUP_MAX(group_max_bf16, uint16_t, LOAD_BF16, VLOAD_BF16)
+#else
+#define LOAD LOAD_F32
+GROUP_MAX(group_max_f32, float, LOAD_F32, VLOAD_F32)
+#undef LOAD
+#define LOAD LOAD_BF16
+GROUP_MAX(group_max_bf16, uint16_t, LOAD_BF16, VLOAD_BF16)
+#undef LOAD
+#endif
+ROW_TOPK(row_topk_f32, float, LOAD_F32, VLOAD_F32, group_max_f32)
+ROW_TOPK(row_topk_bf16, uint16_t, LOAD_BF16, VLOAD_BF16, group_max_bf16)
+
+typedef struct {
+    const void *x;
+    int64_t n, ld, k, r0, r1;
+    int bf16;
+    void *vals;
+    int64_t *idx;
+    int status;
+} job_t;
+
+static void *run_job(void *arg) {
+    job_t *j = (job_t *)arg;
+    int64_t nb = n_groups(j->n);
+    float *hv = (float *)malloc(sizeof(float) * (size_t)(j->k + nb));
+    int64_t *bi = (int64_t *)malloc(sizeof(int64_t) * (size_t)j->k);
+    if (!hv || !bi) {
+        free(hv);
+        free(bi);
+        j->status = 1;
+        return NULL;
+    }
+    float *bmax = hv + j->k;
+    for (int64_t r = j->r0; r < j->r1; r++) {
+        int64_t *hi = j->idx + r * j->k;
+        if (j->bf16) {
+            const uint16_t *row = (const uint16_t *)j->x + r * j->ld;
+            row_topk_bf16(row, j->n, j->k, bmax, hv, hi, bi);
+            uint16_t *out = (uint16_t *)j->vals + r * j->k;
+            for (int64_t t = 0; t < j->k; t++) out[t] = row[hi[t]];
+        } else {
+            const float *row = (const float *)j->x + r * j->ld;
+            row_topk_f32(row, j->n, j->k, bmax, hv, hi, bi);
+            float *out = (float *)j->vals + r * j->k;
+            for (int64_t t = 0; t < j->k; t++) out[t] = row[hi[t]];
+        }
+    }
+    free(hv);
+    free(bi);
+    j->status = 0;
+    return NULL;
+}
+
+/* x: (rows, n) with row stride ld elements; dtype 0 = float32, 1 = bfloat16. vals: (rows, k) of
+ * x's dtype, idx: (rows, k) int64, both contiguous. Returns 0 on success. */
+int flashsae_topk(const void *x, int64_t rows, int64_t n, int64_t ld, int64_t k, int dtype, void *vals,
+                  int64_t *idx, int threads) {
+    if (k < 1 || k > n_groups(n) || rows < 0 || (dtype != 0 && dtype != 1)) return 2;
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    job_t jobs[64];
+    pthread_t tids[64];
+    int started[64] = {0};
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = (job_t){x, n, ld, k, rows * t / threads, rows * (t + 1) / threads, dtype, vals, idx, 1};
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    int status = jobs[0].status;
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) {
+            pthread_join(tids[t], NULL);
+        } else {
+            run_job(&jobs[t]); /* no thread: do its rows here */
+        }
+        status |= jobs[t].status;
+    }
+    return status;
+}

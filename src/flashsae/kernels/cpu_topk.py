@@ -1,0 +1,120 @@
+"""Row-wise top-k on the CPU, compiled from `cpu_topk.c` on first use.
+
+`torch.topk` on the CPU copies every row into (value, index) pairs and partially sorts them: at
+the shapes SAEs train with it costs more than the encoder product (18 ms for 4096 x 4096, k=16,
+on two cores). `cpu_topk.c` reads each row once for the maxima of groups of 16 entries, takes the
+k-th largest of those as a lower bound, and heap-selects among the few entries above it: 2.7x
+faster there, with the same set of values (`sorted=False` order, NaN ranked highest like
+torch.topk).
+
+The shared library is built with the system C compiler (`$CC`, `cc` or `gcc`; `-O3 -march=native`)
+into a cache directory keyed by the source, the compiler and the CPU (`$FLASHSAE_CACHE`, else
+`$XDG_CACHE_HOME/flashsae`, else `~/.cache/flashsae`), written under a temporary name and renamed.
+Without a compiler, or when the build fails, `topk` quietly uses `torch.topk`;
+`FLASHSAE_KERNELS=reference` does too. `available()` says which one runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("cpu_topk.c")
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_K_FRACTION = 16
+"""Use the kernel for k <= n / MAX_K_FRACTION (and k <= MAX_K); past that torch.topk is as fast."""
+MAX_K = 1024
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLASHSAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flashsae")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+@functools.cache
+def _library():
+    """The compiled library, or None when it cannot be built or loaded here."""
+    cc = _compiler()
+    if cc is None or not _SOURCE.exists():
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"cpu_topk-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".cpu_topk-", suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn = lib.flashsae_topk
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return fn
+
+
+def available() -> bool:
+    """Whether `topk` runs the compiled kernel here (else it is torch.topk)."""
+    return os.environ.get("FLASHSAE_KERNELS", "").strip().lower() != "reference" and _library() is not None
+
+
+def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest entries of each row of a 2-D tensor, unsorted.
+
+    The compiled kernel runs for CPU float32/bfloat16 tensors with unit column stride and
+    k <= min(n / 16, 1024); anything else goes to `x.topk(k, dim=-1, sorted=False)`. Values are
+    differentiable (a gather at the selected indices) when `x` requires grad.
+    """
+    rows, n = x.shape
+    fits = (x.device.type == "cpu" and x.dtype in _DTYPES and x.stride(1) == 1 and rows > 0
+            and 1 <= k <= min(n // MAX_K_FRACTION, MAX_K))
+    fn = _library() if fits and os.environ.get("FLASHSAE_KERNELS", "").strip().lower() != "reference" else None
+    if fn is None:
+        return x.topk(k, dim=-1, sorted=False)
+    if x.requires_grad:
+        indices = topk(x.detach(), k)[1]
+        return x.gather(1, indices), indices
+    values = torch.empty((rows, k), dtype=x.dtype)
+    indices = torch.empty((rows, k), dtype=torch.int64)
+    threads = torch.get_num_threads() if rows * n >= 1 << 16 else 1
+    status = fn(x.data_ptr(), rows, n, x.stride(0), k, _DTYPES[x.dtype], values.data_ptr(), indices.data_ptr(),
+                threads)
+    if status:  # out of memory for a heap: the slow path still gives the answer
+        return x.topk(k, dim=-1, sorted=False)
+    return values, indices
