@@ -94,27 +94,35 @@ def available() -> bool:
     return os.environ.get("FLASHSAE_KERNELS", "").strip().lower() != "reference" and _library() is not None
 
 
-def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk(x: Tensor, k: int, *, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k largest entries of each row of a 2-D tensor, unsorted.
 
     The compiled kernel runs for CPU float32/bfloat16 tensors with unit column stride and
     k <= min(n / 16, 1024); anything else goes to `x.topk(k, dim=-1, sorted=False)`. Values are
-    differentiable (a gather at the selected indices) when `x` requires grad.
+    differentiable (a gather at the selected indices) when `x` requires grad. `out`: (values,
+    indices) tensors of shape (rows, k) to write into (not with a differentiable `x`).
     """
     rows, n = x.shape
     fits = (x.device.type == "cpu" and x.dtype in _DTYPES and x.stride(1) == 1 and rows > 0
             and 1 <= k <= min(n // MAX_K_FRACTION, MAX_K))
     fn = _library() if fits and os.environ.get("FLASHSAE_KERNELS", "").strip().lower() != "reference" else None
     if fn is None:
+        if out is not None:
+            return torch.topk(x, k, dim=-1, sorted=False, out=out)
         return x.topk(k, dim=-1, sorted=False)
     if x.requires_grad:
         indices = topk(x.detach(), k)[1]
         return x.gather(1, indices), indices
-    values = torch.empty((rows, k), dtype=x.dtype)
-    indices = torch.empty((rows, k), dtype=torch.int64)
+    values, indices = out if out is not None else (torch.empty((rows, k), dtype=x.dtype),
+                                                    torch.empty((rows, k), dtype=torch.int64))
+    if not (values.is_contiguous() and indices.is_contiguous()) or values.dtype != x.dtype:
+        v, i = topk(x, k)
+        values.copy_(v)
+        indices.copy_(i)
+        return values, indices
     threads = torch.get_num_threads() if rows * n >= 1 << 16 else 1
     status = fn(x.data_ptr(), rows, n, x.stride(0), k, _DTYPES[x.dtype], values.data_ptr(), indices.data_ptr(),
                 threads)
     if status:  # out of memory for a heap: the slow path still gives the answer
-        return x.topk(k, dim=-1, sorted=False)
+        return torch.topk(x, k, dim=-1, sorted=False, out=(values, indices))
     return values, indices
