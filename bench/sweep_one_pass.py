@@ -4,6 +4,7 @@
     python -m bench.sweep_one_pass --rows 262144 --threads 1        # smaller, one thread
     python -m bench.sweep_one_pass --rows 262144 --profile          # where a separate run spends its time
     python -m bench.sweep_one_pass --rows 262144 --workers 1        # one model stepped at a time
+    python -m bench.sweep_one_pass --processes                      # 8 x `flashsae train` vs `flashsae sweep`
 
 The models are TopK with k in --k times latents in --latents on planted synthetic rows (d=--d)
 written once to a .npy file that both sides read. Both sides write full run directories (model,
@@ -11,7 +12,9 @@ config, metrics, log, curves.png) unless --no-files. Imports, matplotlib and the
 warmed by a tiny run first, so neither side pays them. Reported per side: wall time end to end,
 the training loops alone (the sum of the models' train_seconds: steps, batch reading and
 standardisation; no evaluation, plots or writes), the rest (fixed costs), and whether the models
-came out bit-identical.
+came out bit-identical. With --processes the two sides are instead what a user types: one
+`flashsae train` command per model, one after another, against one `flashsae sweep` command (each
+process pays its own start-up: Python, torch and flashsae imports).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import cProfile
 import io as _io
 import json
 import pstats
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +61,37 @@ def _one_pass(data: str, configs: list[dict], out: Path | None, workers: int | N
     return time.perf_counter() - t, trained
 
 
+def _cli(args: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flashsae", *args, "--quiet"], check=True)
+    return time.perf_counter() - t
+
+
+def _processes(data: str, args, tmp: Path) -> None:
+    """One `flashsae train` process per model against one `flashsae sweep` process, alternated."""
+    common = ["--rows", str(args.rows), "--batch-size", str(args.batch_size), "--device", "cpu", "--seed", "0"]
+    if args.threads is not None:
+        common += ["--threads", str(args.threads)]
+    sep, one = [], []
+    for i in range(args.repeat):
+        for side in (("sep", "one") if i % 2 == 0 else ("one", "sep")):
+            if side == "sep":
+                sep.append(sum(_cli(["train", data, "--k", str(k), "--latents", str(n), *common,
+                                     "--out", str(tmp / f"cli-sep-{i}" / f"k{k}-n{n}")])
+                               for k in args.k for n in args.latents))
+            else:
+                one.append(_cli(["sweep", data, "--k", *map(str, args.k), "--latents", *map(str, args.latents),
+                                 *common, "--out", str(tmp / f"cli-one-{i}")]))
+    n = len(args.k) * len(args.latents)
+    print(f"{n} TopK SAEs (k {args.k} x latents {args.latents}), d={args.d}, {args.rows:,} rows each, "
+          f"batch {args.batch_size}, threads={args.threads or 'auto'}, fastest of {args.repeat}")
+    print(f"| | {n} x `flashsae train` | `flashsae sweep` | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| end to end (processes) | {min(sep):.1f} s | {min(one):.1f} s | {min(sep) / min(one):.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"separate_processes_s": sep, "sweep_process_s": one}, indent=2))
+
+
 def _identical(a: list, b: list) -> bool:
     return all(all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
                for (ma, _), (mb, _) in zip(a, b))
@@ -76,6 +112,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="time each side this many times, alternating which goes first; report the fastest")
     ap.add_argument("--profile", action="store_true", help="profile one separate run and print its top costs")
+    ap.add_argument("--processes", action="store_true",
+                    help="time CLI processes: one `flashsae train` per model against one `flashsae sweep`")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
 
@@ -87,6 +125,10 @@ def main() -> None:
         x, _ = make_synthetic(rows=args.data_rows, d=args.d, atoms=512, active=4, noise=0.01, seed=0)
         data = str(tmp / "rows.npy")
         np.save(data, np.asarray(x, np.float32))
+        if args.processes:
+            _cli(["train", data, "--k", "4", "--rows", str(2 * args.batch_size), "--out", str(tmp / "warm")])
+            _processes(data, args, tmp)
+            return
         # Warm imports, matplotlib and the thread pool on a tiny run of each kind.
         warm = [{**c, "rows": 2 * args.batch_size} for c in configs[:2]]
         _separate(data, warm, None if args.no_files else tmp / "warm-sep")

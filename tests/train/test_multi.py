@@ -62,6 +62,29 @@ def test_models_trained_together_equal_models_trained_alone(monkeypatch):
         assert 0 < result.train_seconds and result.run_dir is None
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="side by side needs two cores")
+def test_mid_sized_models_step_side_by_side_on_one_thread_each(monkeypatch):
+    from flashsae.train import multi
+    from flashsae.train.run import _cpu_threads
+
+    workers = []
+    monkeypatch.setattr(multi, "_workers", lambda *a: workers.append(_workers(*a)) or workers[-1])
+    x = np.random.default_rng(0).normal(size=(9000, 64)).astype(np.float32)
+    opts = {"rows": 3 * 4096, "batch_size": 4096, "device": "cpu", "eval_every": 0}
+    configs = [{"k": 4, "d_sae": 600, **opts}, {"k": 8, "d_sae": 520, **opts}]
+    macs = 4096 * 64 * 600
+    assert 2**27 < macs < multi.SIDE_BY_SIDE_MACS  # train() alone would use every thread
+    assert _cpu_threads(multi.TrainConfig(), torch.device("cpu"), macs) != 1
+    together = train_many(x, configs, quiet=True)
+    assert workers == [2]
+    for cfg, (model, result) in zip(configs, together):
+        _assert_same_model(model, train(x, quiet=True, threads=1, **cfg)[0])
+    # workers=1 keeps train()'s own thread choice, and then equals train() alone
+    (model, _), _ = train_many(x, configs, quiet=True, workers=1)
+    assert workers[-1] == 1
+    _assert_same_model(model, train(x, quiet=True, **configs[0])[0])
+
+
 def test_run_directories_equal_those_train_writes(tmp_path):
     configs = [{"k": 2, "d_sae": 32, **SMALL}, {"arch": "batchtopk", "k": 3, "d_sae": 32, **SMALL, "rows": 1600}]
     together = train_many("digits", configs, outs=[tmp_path / "many" / "a", tmp_path / "many" / "b"], quiet=True,

@@ -8,9 +8,10 @@ EPILOG = """Any model, data or training option given several values is a grid ax
 cartesian product of the axes. Each model is a normal run directory OUT/<name>; OUT/sweep.csv has
 one row per model and OUT/tradeoff.png plots FVU against L0. The models train together on one pass
 over the data (one pass per value of a data option, --seed, --batch-size or --device); on the CPU,
-models whose steps are small enough for one thread step side by side on the cores (--threads N
-trains each model on N threads, one model at a time). --separate trains them one after another.
-The models come out the same either way.
+models whose steps are small enough for one thread step side by side on the cores, one thread each
+(--threads N trains each model on N threads, one model at a time). --separate trains them one
+after another. The models come out as `flashsae train` gives them (with --threads 1 for models
+stepped side by side).
 
 examples:
   flashsae sweep digits --k 4 8 16 32 --out runs/sweep

@@ -3,13 +3,14 @@
  * For each row of a (rows, n) matrix, the k largest entries and their column indices, in no
  * particular order (torch.topk(..., sorted=False) semantics; NaN counts as the largest value).
  *
- * Two reads of the row instead of a sort: the maximum of every group of 16 entries (with
- * AVX-512, an elementwise maximum of 16 vectors gives 16 group maxima at once), then the k-th
- * largest of those maxima, `thr`, which is a lower bound on the row's k-th largest entry. Only
- * groups whose maximum reaches `thr` can hold an answer, so only about k groups are read again,
- * entry by entry, into a heap of size k. torch.topk instead copies every row into (value, index)
- * pairs and partially sorts them. Requires k <= n / 16 (rounded up). Rows are split over
- * `threads` POSIX threads.
+ * Two reads of the row instead of a sort. First the maximum of every group of `depth` entries
+ * (with AVX-512, the elementwise maximum of `depth` consecutive vectors gives 16 group maxima at
+ * once), then the k-th largest of those maxima, `thr`: a lower bound on the row's k-th largest
+ * entry, since the k groups with the largest maxima hold k distinct entries >= thr. Only entries
+ * >= thr can be in the answer and there are few of them (about k plus a handful when there are
+ * several groups per selected entry), so the second read keeps a heap of size k over just those.
+ * torch.topk instead copies every row into (value, index) pairs and partially sorts them.
+ * Requires k <= n_groups(n, depth). Rows are split over `threads` POSIX threads.
  *
  * Built on first use by flashsae.kernels.cpu_topk with the system C compiler; no Python or
  * PyTorch headers.
@@ -24,7 +25,7 @@
 #include <immintrin.h>
 #endif
 
-#define VEC 16 /* entries per block: one AVX-512 vector of floats */
+#define LANES 16 /* floats per AVX-512 vector */
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -66,7 +67,7 @@ static inline void sift_up(float *hv, int64_t *hi, int64_t pos) {
     hi[pos] = id;
 }
 
-/* Heap of the best k keys seen: `*count` fills up to k, then the root is the k-th best. */
+/* Min-heap of the best k keys seen: `*count` fills up to k, then the root is the k-th best. */
 static inline void offer(float *hv, int64_t *hi, int64_t k, int64_t *count, float key, int64_t i) {
     if (*count < k) {
         hv[*count] = key;
@@ -79,89 +80,67 @@ static inline void offer(float *hv, int64_t *hi, int64_t k, int64_t *count, floa
     }
 }
 
-/* Groups of VEC entries: in each full chunk of VEC * VEC entries, group l is the entries at
- * offsets l, l + VEC, l + 2 VEC, ... (so one chunk's VEC group maxima are an elementwise maximum
- * of VEC vectors, with no reduction across lanes); past the last full chunk, contiguous runs of
- * VEC entries (the last one may be short). Returns the number of groups. */
-#define CHUNK (VEC * VEC)
+/* Groups: the row is cut into chunks of LANES * depth entries; in a chunk, group l (0 <= l < LANES)
+ * is the entries at offsets l, l + LANES, l + 2 LANES, ... (one lane of `depth` consecutive
+ * vectors). Past the last full chunk, contiguous runs of `depth` entries (the last may be short). */
+static inline int64_t n_groups(int64_t n, int64_t depth) {
+    int64_t chunk = LANES * depth;
+    return (n / chunk) * LANES + (n % chunk + depth - 1) / depth;
+}
 
-static inline int64_t n_groups(int64_t n) { return (n / CHUNK) * VEC + (n % CHUNK + VEC - 1) / VEC; }
-
-#define GROUP_MAX(NAME, T, LOAD, VLOAD)                                                         \
-    static void NAME(const T *x, int64_t n, float *gmax) {                                     \
-        int64_t nc = n / CHUNK, g = nc * VEC;                                                  \
-        for (int64_t c = 0; c < nc; c++) {                                                     \
-            const T *p = x + c * CHUNK;                                                        \
-            VECTOR_MAX(p, VLOAD, gmax + c * VEC)                                               \
-        }                                                                                      \
-        for (int64_t i = nc * CHUNK; i < n; i += VEC, g++) {                                   \
-            float m = -INFINITY;                                                               \
-            for (int64_t j = i; j < i + VEC && j < n; j++) {                                   \
-                float v = key_of(LOAD(x[j]));                                                  \
-                m = v > m ? v : m;                                                             \
-            }                                                                                  \
-            gmax[g] = m;                                                                       \
-        }                                                                                      \
+/* The k-th largest of v[0..n) (k <= n), using the heap arrays as scratch. */
+static float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_t *hi) {
+    int64_t count = 0, i = 0;
+    for (; i < k; i++) offer(hv, hi, k, &count, v[i], i);
+#ifdef __AVX512F__
+    for (; i < n && i % LANES; i++) offer(hv, hi, k, &count, v[i], i);
+    for (; i + LANES <= n; i += LANES) {
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), _mm512_set1_ps(hv[0]), _CMP_GT_OQ);
+        for (; m; m &= m - 1) offer(hv, hi, k, &count, v[i + __builtin_ctz(m)], i + __builtin_ctz(m));
     }
+#endif
+    for (; i < n; i++) offer(hv, hi, k, &count, v[i], i);
+    return hv[0];
+}
 
 #ifdef __AVX512F__
 #define VLOAD_F32(p) _mm512_loadu_ps(p)
 #define VLOAD_BF16(p) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-#define VECTOR_MAX(p, VLOAD, out)                                                               \
-    {                                                                                          \
-        const __m512 inf = _mm512_set1_ps(INFINITY);                                           \
-        __m512 m = _mm512_set1_ps(-INFINITY);                                                  \
-        for (int v = 0; v < VEC; v++) {                                                        \
-            __m512 a = VLOAD((p) + v * VEC);                                                   \
-            a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);            \
-            m = _mm512_max_ps(a, m);                                                           \
-        }                                                                                      \
-        _mm512_storeu_ps(out, m);                                                              \
-    }
-#else
-#define VLOAD_F32(p) (p)
-#define VLOAD_BF16(p) (p)
-#define VECTOR_MAX(p, VLOAD, out)                                                               \
-    {                                                                                          \
-        float m[VEC];                                                                          \
-        for (int l = 0; l < VEC; l++) m[l] = -INFINITY;                                        \
-        for (int v = 0; v < VEC; v++)                                                          \
-            for (int l = 0; l < VEC; l++) {                                                    \
-                float a = key_of(LOAD((p)[v * VEC + l]));                                      \
-                m[l] = a > m[l] ? a : m[l];                                                    \
-            }                                                                                  \
-        memcpy(out, m, sizeof m);                                                              \
-    }
 #endif
+#define LOAD_F32(v) (v)
+#define LOAD_BF16(v) bf16_to_f32(v)
 
-/* One row, exact. The k-th largest group maximum `thr` is a lower bound on the row's k-th largest
- * entry (the k groups with the largest maxima hold k distinct entries >= thr), so only entries
- * >= thr can be in the answer, and there are few of them: about k plus a handful. With AVX-512
- * both selections test 16 values per comparison and walk only the lanes that pass. */
+/* One row: x (n entries) -> hi (k indices). gmax holds n_groups(n, depth) floats. */
 #ifdef __AVX512F__
-static inline float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_t *hi) {
-    int64_t count = 0, i = 0;
-    for (; i < k; i++) offer(hv, hi, k, &count, v[i], i);
-    for (; i < n && i % VEC; i++) offer(hv, hi, k, &count, v[i], i);
-    for (; i + VEC <= n; i += VEC) {
-        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), _mm512_set1_ps(hv[0]), _CMP_GT_OQ);
-        for (; m; m &= m - 1) offer(hv, hi, k, &count, v[i + __builtin_ctz(m)], i + __builtin_ctz(m));
-    }
-    for (; i < n; i++) offer(hv, hi, k, &count, v[i], i);
-    return hv[0];
-}
-
-#define ROW_TOPK(NAME, T, LOAD, VLOAD, GMAX)                                                    \
-    static void NAME(const T *x, int64_t n, int64_t k, float *gmax, float *hv, int64_t *hi,    \
-                     int64_t *gi) {                                                            \
-        int64_t ng = n_groups(n), nc = n / CHUNK, count = 0;                                   \
-        GMAX(x, n, gmax);                                                                      \
-        const float thr = kth_largest(gmax, ng, k, hv, gi);                                    \
-        const __m512 t = _mm512_set1_ps(thr);                                                  \
+#define ROW_TOPK(NAME, T, LOAD, VLOAD)                                                          \
+    static void NAME(const T *x, int64_t n, int64_t k, int64_t depth, float *gmax, float *hv,  \
+                     int64_t *hi, int64_t *scratch) {                                          \
+        const int64_t chunk = LANES * depth, nc = n / chunk, ng = n_groups(n, depth);          \
+        const __m512 inf = _mm512_set1_ps(INFINITY);                                           \
         for (int64_t c = 0; c < nc; c++) {                                                     \
-            if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(gmax + c * VEC), t, _CMP_GE_OQ)) continue; \
-            for (int64_t i = c * CHUNK; i < (c + 1) * CHUNK; i += VEC) {                       \
+            __m512 m = _mm512_set1_ps(-INFINITY);                                              \
+            for (int64_t v = 0; v < depth; v++) {                                              \
+                __m512 a = VLOAD(x + c * chunk + v * LANES);                                   \
+                a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);        \
+                m = _mm512_max_ps(a, m);                                                       \
+            }                                                                                  \
+            _mm512_storeu_ps(gmax + c * LANES, m);                                             \
+        }                                                                                      \
+        for (int64_t i = nc * chunk, g = nc * LANES; i < n; i += depth, g++) {                 \
+            float m = -INFINITY;                                                               \
+            for (int64_t j = i; j < i + depth && j < n; j++) {                                 \
+                float a = key_of(LOAD(x[j]));                                                  \
+                m = a > m ? a : m;                                                             \
+            }                                                                                  \
+            gmax[g] = m;                                                                       \
+        }                                                                                      \
+        const float thr = kth_largest(gmax, ng, k, hv, scratch);                               \
+        const __m512 t = _mm512_set1_ps(thr);                                                  \
+        int64_t count = 0;                                                                     \
+        for (int64_t c = 0; c < nc; c++) {                                                     \
+            if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(gmax + c * LANES), t, _CMP_GE_OQ)) continue; \
+            for (int64_t i = c * chunk; i < (c + 1) * chunk; i += LANES) {                     \
                 /* not-less-than, unordered: NaN entries pass too */                           \
                 __mmask16 m = _mm512_cmp_ps_mask(VLOAD(x + i), t, _CMP_NLT_UQ);                \
                 for (; m; m &= m - 1) {                                                        \
@@ -170,31 +149,47 @@ static inline float kth_largest(const float *v, int64_t n, int64_t k, float *hv,
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        for (int64_t i = nc * CHUNK; i < n; i++) {                                             \
+        for (int64_t i = nc * chunk; i < n; i++) {                                             \
             float key = key_of(LOAD(x[i]));                                                    \
             if (key >= thr) offer(hv, hi, k, &count, key, i);                                  \
         }                                                                                      \
     }
 #else
-#define ROW_TOPK(NAME, T, LOAD, VLOAD, GMAX)                                                    \
-    static void NAME(const T *x, int64_t n, int64_t k, float *gmax, float *hv, int64_t *hi,    \
-                     int64_t *gi) {                                                            \
-        int64_t ng = n_groups(n), nc = n / CHUNK, count = 0;                                   \
-        GMAX(x, n, gmax);                                                                      \
-        for (int64_t g = 0; g < ng; g++) offer(hv, gi, k, &count, gmax[g], g);                 \
-        const float thr = hv[0];                                                               \
-        count = 0;                                                                             \
+#define ROW_TOPK(NAME, T, LOAD, VLOAD)                                                          \
+    static void NAME(const T *x, int64_t n, int64_t k, int64_t depth, float *gmax, float *hv,  \
+                     int64_t *hi, int64_t *scratch) {                                          \
+        const int64_t chunk = LANES * depth, nc = n / chunk, ng = n_groups(n, depth);          \
+        for (int64_t c = 0; c < nc; c++) {                                                     \
+            float m[LANES];                                                                    \
+            for (int l = 0; l < LANES; l++) m[l] = -INFINITY;                                  \
+            for (int64_t v = 0; v < depth; v++)                                                \
+                for (int l = 0; l < LANES; l++) {                                              \
+                    float a = key_of(LOAD(x[c * chunk + v * LANES + l]));                      \
+                    m[l] = a > m[l] ? a : m[l];                                                \
+                }                                                                              \
+            memcpy(gmax + c * LANES, m, sizeof m);                                             \
+        }                                                                                      \
+        for (int64_t i = nc * chunk, g = nc * LANES; i < n; i += depth, g++) {                 \
+            float m = -INFINITY;                                                               \
+            for (int64_t j = i; j < i + depth && j < n; j++) {                                 \
+                float a = key_of(LOAD(x[j]));                                                  \
+                m = a > m ? a : m;                                                             \
+            }                                                                                  \
+            gmax[g] = m;                                                                       \
+        }                                                                                      \
+        const float thr = kth_largest(gmax, ng, k, hv, scratch);                               \
+        int64_t count = 0;                                                                     \
         for (int64_t g = 0; g < ng; g++) {                                                     \
             if (gmax[g] < thr) continue;                                                       \
             int64_t start, step, end;                                                          \
-            if (g < nc * VEC) {                                                                \
-                start = (g / VEC) * CHUNK + g % VEC;                                           \
-                step = VEC;                                                                    \
-                end = start + CHUNK;                                                           \
+            if (g < nc * LANES) {                                                              \
+                start = (g / LANES) * chunk + g % LANES;                                       \
+                step = LANES;                                                                  \
+                end = start + chunk;                                                           \
             } else {                                                                           \
-                start = nc * CHUNK + (g - nc * VEC) * VEC;                                     \
+                start = nc * chunk + (g - nc * LANES) * depth;                                 \
                 step = 1;                                                                      \
-                end = start + VEC < n ? start + VEC : n;                                       \
+                end = start + depth < n ? start + depth : n;                                   \
             }                                                                                  \
             for (int64_t i = start; i < end; i += step) {                                      \
                 float key = key_of(LOAD(x[i]));                                                \
@@ -204,25 +199,12 @@ static inline float kth_largest(const float *v, int64_t n, int64_t k, float *hv,
     }
 #endif
 
-#define LOAD_F32(v) (v)
-#define LOAD_BF16(v) bf16_to_f32(v)
-#ifdef __AVX512F__
-GROUP_MAX(group_max_f32, float, LOAD_F32, VLOAD_F32)
-GROUP_MAX(group_max_bf16, uint16_t, LOAD_BF16, VLOAD_BF16)
-#else
-#define LOAD LOAD_F32
-GROUP_MAX(group_max_f32, float, LOAD_F32, VLOAD_F32)
-#undef LOAD
-#define LOAD LOAD_BF16
-GROUP_MAX(group_max_bf16, uint16_t, LOAD_BF16, VLOAD_BF16)
-#undef LOAD
-#endif
-ROW_TOPK(row_topk_f32, float, LOAD_F32, VLOAD_F32, group_max_f32)
-ROW_TOPK(row_topk_bf16, uint16_t, LOAD_BF16, VLOAD_BF16, group_max_bf16)
+ROW_TOPK(row_topk_f32, float, LOAD_F32, VLOAD_F32)
+ROW_TOPK(row_topk_bf16, uint16_t, LOAD_BF16, VLOAD_BF16)
 
 typedef struct {
     const void *x;
-    int64_t n, ld, k, r0, r1;
+    int64_t n, ld, k, depth, r0, r1;
     int bf16;
     void *vals;
     int64_t *idx;
@@ -231,41 +213,50 @@ typedef struct {
 
 static void *run_job(void *arg) {
     job_t *j = (job_t *)arg;
-    int64_t nb = n_groups(j->n);
-    float *hv = (float *)malloc(sizeof(float) * (size_t)(j->k + nb));
-    int64_t *bi = (int64_t *)malloc(sizeof(int64_t) * (size_t)j->k);
-    if (!hv || !bi) {
+    int64_t ng = n_groups(j->n, j->depth);
+    float *hv = (float *)malloc(sizeof(float) * (size_t)(j->k + ng));
+    int64_t *scratch = (int64_t *)malloc(sizeof(int64_t) * (size_t)j->k);
+    if (!hv || !scratch) {
         free(hv);
-        free(bi);
+        free(scratch);
         j->status = 1;
         return NULL;
     }
-    float *bmax = hv + j->k;
+    float *gmax = hv + j->k;
     for (int64_t r = j->r0; r < j->r1; r++) {
         int64_t *hi = j->idx + r * j->k;
         if (j->bf16) {
             const uint16_t *row = (const uint16_t *)j->x + r * j->ld;
-            row_topk_bf16(row, j->n, j->k, bmax, hv, hi, bi);
+            row_topk_bf16(row, j->n, j->k, j->depth, gmax, hv, hi, scratch);
             uint16_t *out = (uint16_t *)j->vals + r * j->k;
             for (int64_t t = 0; t < j->k; t++) out[t] = row[hi[t]];
         } else {
             const float *row = (const float *)j->x + r * j->ld;
-            row_topk_f32(row, j->n, j->k, bmax, hv, hi, bi);
+            row_topk_f32(row, j->n, j->k, j->depth, gmax, hv, hi, scratch);
             float *out = (float *)j->vals + r * j->k;
             for (int64_t t = 0; t < j->k; t++) out[t] = row[hi[t]];
         }
     }
     free(hv);
-    free(bi);
+    free(scratch);
     j->status = 0;
     return NULL;
+}
+
+/* Entries per group: about 4 groups per selected entry, between 2 and 16 entries. */
+static int64_t choose_depth(int64_t n, int64_t k) {
+    int64_t depth = 16;
+    while (depth > 2 && n / depth < 4 * k) depth /= 2;
+    return depth;
 }
 
 /* x: (rows, n) with row stride ld elements; dtype 0 = float32, 1 = bfloat16. vals: (rows, k) of
  * x's dtype, idx: (rows, k) int64, both contiguous. Returns 0 on success. */
 int flashsae_topk(const void *x, int64_t rows, int64_t n, int64_t ld, int64_t k, int dtype, void *vals,
                   int64_t *idx, int threads) {
-    if (k < 1 || k > n_groups(n) || rows < 0 || (dtype != 0 && dtype != 1)) return 2;
+    if (rows < 0 || n < 1 || k < 1 || (dtype != 0 && dtype != 1)) return 2;
+    int64_t depth = choose_depth(n, k);
+    if (k > n_groups(n, depth)) return 2;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
@@ -273,7 +264,7 @@ int flashsae_topk(const void *x, int64_t rows, int64_t n, int64_t ld, int64_t k,
     pthread_t tids[64];
     int started[64] = {0};
     for (int t = 0; t < threads; t++) {
-        jobs[t] = (job_t){x, n, ld, k, rows * t / threads, rows * (t + 1) / threads, dtype, vals, idx, 1};
+        jobs[t] = (job_t){x, n, ld, k, depth, rows * t / threads, rows * (t + 1) / threads, dtype, vals, idx, 1};
     }
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
     run_job(&jobs[0]);

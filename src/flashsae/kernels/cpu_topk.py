@@ -31,7 +31,7 @@ from torch import Tensor
 _SOURCE = Path(__file__).with_name("cpu_topk.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-MAX_K_FRACTION = 16
+MAX_K_FRACTION = 8
 """Use the kernel for k <= n / MAX_K_FRACTION (and k <= MAX_K); past that torch.topk is as fast."""
 MAX_K = 1024
 
@@ -98,7 +98,7 @@ def topk(x: Tensor, k: int, *, out: tuple[Tensor, Tensor] | None = None) -> tupl
     """(values, indices) of the k largest entries of each row of a 2-D tensor, unsorted.
 
     The compiled kernel runs for CPU float32/bfloat16 tensors with unit column stride and
-    k <= min(n / 16, 1024); anything else goes to `x.topk(k, dim=-1, sorted=False)`. Values are
+    k <= min(n / 8, 1024); anything else goes to `x.topk(k, dim=-1, sorted=False)`. Values are
     differentiable (a gather at the selected indices) when `x` requires grad. `out`: (values,
     indices) tensors of shape (rows, k) to write into (not with a differentiable `x`).
     """

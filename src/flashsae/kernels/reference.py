@@ -168,7 +168,10 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec):
         ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec.to(values.dtype), per_sample_weights=values, mode="sum")
+        # In fp32 even under bf16 autocast: k rows per input are cheap to add exactly, and no bf16
+        # copy of W_dec (or fp32 copy of the result for the loss) is needed.
+        acc = _acc_dtype(values)
+        return F.embedding_bag(indices, W_dec.to(acc), per_sample_weights=values.to(acc), mode="sum")
 
     @staticmethod
     def backward(ctx, g):

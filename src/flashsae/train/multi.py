@@ -10,10 +10,11 @@ Configs that read the data differently cannot share a pass. They are grouped, in
 appearance, by the options in `PASS_OPTIONS` (every data option plus seed, batch_size and device)
 and each group gets its own pass. Everything else may differ inside a pass, including `rows`/`epochs`
 and `patience`: a model that is done leaves the pass (it is evaluated and written at once) and the
-pass goes on while any model is still training. Each model steps with the CPU thread count `train()`
-would pick for it alone (`threads`, or one thread for a small step); when every model is on one
-thread, several step at the same time on their own threads (`workers`), which is where most of the
-CPU speedup comes from: sharing the data saves little next to the steps themselves.
+pass goes on while any model is still training. On the CPU, when a pass holds several models whose
+steps are small (`SIDE_BY_SIDE_MACS`), each steps on one thread and several step at the same time
+(`workers`), which is where most of the CPU speedup comes from: sharing the data saves little next
+to the steps themselves; such a model equals `train(..., threads=1)`. Otherwise each model steps
+with the thread count `train()` would pick for it alone.
 
 Imports train.run (its setup pieces, log rows and artifact writers), train.trainer, data, io and
 eval; never cli.
@@ -78,9 +79,9 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
         tensorboard: also write TensorBoard event files to each `<out>/tensorboard`.
         wandb: also log to Weights & Biases; one model per pass only (a process holds one W&B run).
         workers: on the CPU, step up to this many models at the same time, each on its own thread,
-            when every model runs on one thread (threads=1, or a step small enough that train()
-            picks one); each model's numbers stay those it gets alone. None: one per core when
-            train() picked one thread for every model, one model at a time when `threads` is set.
+            when every model runs on one thread (threads=1, or steps below SIDE_BY_SIDE_MACS).
+            None: one per core, or one model at a time when `threads` is set; 1 also keeps each
+            model on the thread count train() would pick alone.
 
     Returns:
         (model, TrainResult) per config, in the order of `configs`. A model's `train_seconds` is
@@ -163,9 +164,11 @@ def _train_pass(data, members: list[_Member], *, show: bool, tensorboard: bool, 
     standardizer = rows.standardizer.to(device)
     runs: list[_Run] = []
     b_dec: dict[int, torch.Tensor] = {}  # geometric median of the data by thread count (reductions may round apart)
+    macs = [rows.batch_size * source.d_in * cfg.d_sae for cfg in model_cfgs]
+    side_by_side = _side_by_side(members, macs, device, workers)
     try:
-        for m, model_cfg in zip(members, model_cfgs):
-            threads = _cpu_threads(m.train_cfg, device, rows.batch_size * source.d_in * model_cfg.d_sae)
+        for m, model_cfg, step_macs in zip(members, model_cfgs, macs):
+            threads = 1 if side_by_side else _cpu_threads(m.train_cfg, device, step_macs)
             runs.append(_Run(m, model_cfg, source, rows, data_fp, device, b_dec=b_dec,
                              threads=threads or default_threads, tensorboard=tensorboard, wandb=wandb))
         batches = BatchIterator(source, rows.train_ids, rows.batch_size, seed=train_cfg.seed)
@@ -313,15 +316,36 @@ def _compute(active: list[_Run], x, pool: ThreadPoolExecutor | None, n_workers: 
     return [wall * r.last_compute_s / total for r in active]
 
 
+SIDE_BY_SIDE_MACS = 2**29
+"""On the CPU, models whose step is below this many multiply-adds (batch x d_in x latents) step on one
+thread each, side by side, when a pass has several: at d=64, 512 latents, batch 4096 a step takes
+18.8 ms on one thread and 16.3 ms on two, so two models side by side do twice the work in the time."""
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _side_by_side(members: list[_Member], macs: list[int], device, workers: int | None) -> bool:
+    """Whether every model of a pass steps on one thread, several at a time (see SIDE_BY_SIDE_MACS).
+
+    Not when a config sets `threads`, `workers` is 1, the pass has one model or the machine one
+    core. Such a model is bit-identical to `train(..., threads=1)` (train() alone picks one thread
+    itself below 2**27 multiply-adds).
+    """
+    return (device.type == "cpu" and len(members) > 1 and _cores() > 1 and workers != 1
+            and all(m.train_cfg.threads is None for m in members) and max(macs) < SIDE_BY_SIDE_MACS)
+
+
 def _workers(runs: list[_Run], device, requested: int | None) -> int:
     """Threads that step models at the same time (1: one after another).
 
-    Only on the CPU when every model steps on one thread. A small step runs fastest on one thread
-    (OpenMP wake-ups cost more than the work, see `run._cpu_threads`), so the other cores are better
-    spent on other models: by default one worker per core when train() picked one thread for every
-    model. An explicit `threads` is a limit the default respects; `requested` overrides it.
+    Only on the CPU when every model steps on one thread. A small step gains little from a second
+    thread (OpenMP wake-ups cost more than the work, see `run._cpu_threads`), so the other cores are
+    better spent on other models: by default one worker per core. An explicit `threads` is a limit
+    the default respects; `requested` overrides it.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     if device.type != "cpu" or any(r.threads != 1 for r in runs):
         return 1
     if requested is None:

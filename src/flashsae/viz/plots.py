@@ -32,6 +32,8 @@ def training_curves(history: list[dict], path: Path) -> None:
     plt = _pyplot()
     rows = np.array([h["rows_seen"] for h in history], dtype=float)
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    # Fixed margins: tight_layout measured every tick label and took 40% of the drawing time.
+    fig.subplots_adjust(left=0.08, right=0.985, bottom=0.08, top=0.95, wspace=0.22, hspace=0.38)
     panels = [("loss", "training loss", True), ("fvu", "FVU", True), ("l0", "L0 (active latents per row)", False),
               ("dead_fraction", "dead fraction", False)]
     for ax, (key, title, log) in zip(axes.flat, panels):
@@ -49,8 +51,7 @@ def training_curves(history: list[dict], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rows seen", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path, trim=False)  # tight_layout has already fitted the panels
+    _save(fig, path, trim=False)
     plt.close(fig)
 
 
