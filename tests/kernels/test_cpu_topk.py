@@ -26,7 +26,8 @@ def test_builds_here():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(7, 4096, 16), (33, 512, 16), (5, 333, 7), (3, 16, 1), (9, 300, 1),
-                                      (4, 1000, 62), (6, 256 * 3 + 17, 48), (2, 100_003, 64)])
+                                      (4, 1000, 62), (6, 256 * 3 + 17, 48), (2, 100_003, 64),
+                                      (5, 512, 64), (3, 1000, 125), (4, 512, 32)])
 def test_matches_torch_topk(dtype, rows, n, k):
     g = torch.Generator().manual_seed(n * 31 + k)
     _check(torch.randn(rows, n, generator=g).to(dtype), k)

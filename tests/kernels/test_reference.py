@@ -12,32 +12,45 @@ def dense_topk(x_c, W_enc, b_enc, k):
     return torch.relu(top), idx
 
 
-@pytest.mark.parametrize("batch,d,n,k", [(7, 13, 50, 1), (33, 24, 97, 5), (64, 65, 128, 16)])
-def test_topk_encode_and_decode_match_dense(batch, d, n, k):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 runs the compiled CPU top-k
+@pytest.mark.parametrize("inner_b_dec", [False, True])  # x - b_dec outside, or b_dec given to the encoder
+@pytest.mark.parametrize("batch,d,n,k", [(7, 13, 50, 1), (33, 24, 97, 5), (64, 65, 128, 16), (40, 20, 512, 32)])
+def test_topk_encode_and_decode_match_dense(batch, d, n, k, inner_b_dec, dtype):
     torch.manual_seed(batch)
-    x = torch.randn(batch, d, dtype=torch.float64)
-    W_enc = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
-    b_enc = torch.randn(n, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(d, dtype=torch.float64, requires_grad=True)
-    W_dec = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(batch, d, dtype=torch.float64)
+    x = torch.randn(batch, d, dtype=dtype, requires_grad=True)
+    W_enc = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    b_enc = torch.randn(n, dtype=dtype, requires_grad=True)
+    b_dec = torch.randn(d, dtype=dtype, requires_grad=True)
+    W_dec = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    target = torch.randn(batch, d, dtype=dtype)
+    params = [x, W_enc, b_enc, b_dec, W_dec]
 
     def loss_of(values, idx):
         x_hat = reference.sparse_decode(values, idx, W_dec) + b_dec
         return (x_hat - target).pow(2).sum()
 
-    values, idx, _, _ = reference.topk_encode(x - b_dec, W_enc, b_enc, k)
+    if inner_b_dec:
+        values, idx, _, _ = reference.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
+    else:
+        values, idx, _, _ = reference.topk_encode(x - b_dec, W_enc, b_enc, k)
     loss = loss_of(values, idx)
-    grads = torch.autograd.grad(loss, [W_enc, b_enc, b_dec, W_dec])
+    grads = torch.autograd.grad(loss, params)
+    # and without a gradient for x, as in training: b_dec's gradient then comes from one product
+    x_fixed = x.detach()
+    values2, idx2, _, _ = (reference.topk_encode(x_fixed, W_enc, b_enc, k, b_dec=b_dec) if inner_b_dec
+                           else reference.topk_encode(x_fixed - b_dec, W_enc, b_enc, k))
+    grads2 = torch.autograd.grad(loss_of(values2, idx2), params[1:])
 
     dv, di = dense_topk(x - b_dec, W_enc, b_enc, k)
-    codes = torch.zeros(batch, n, dtype=torch.float64).scatter(1, di, dv)
+    codes = torch.zeros(batch, n, dtype=dtype).scatter(1, di, dv)
     dense_loss = ((codes @ W_dec + b_dec) - target).pow(2).sum()
-    dense_grads = torch.autograd.grad(dense_loss, [W_enc, b_enc, b_dec, W_dec])
+    dense_grads = torch.autograd.grad(dense_loss, params)
 
-    assert torch.allclose(loss, dense_loss)
-    for g, ref in zip(grads, dense_grads):
-        assert torch.allclose(g, ref, atol=1e-9), (g.shape, (g - ref).abs().max(), ref.abs().max())
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    assert torch.allclose(loss, dense_loss, rtol=tol)
+    for g, ref in [*zip(grads, dense_grads), *zip(grads2, dense_grads[1:])]:
+        assert torch.allclose(g, ref, atol=tol * max(1.0, ref.abs().max().item())), \
+            (g.shape, (g - ref).abs().max(), ref.abs().max())
 
 
 def test_auxk_candidates_are_dead_latents_and_train_the_encoder():

@@ -37,13 +37,15 @@ def _impl(device) -> str:
 
 
 def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
-                k_aux: int = 0, impl: str | None = None):
+                k_aux: int = 0, b_dec: Tensor | None = None, impl: str | None = None):
     """Top-k ReLU encoder with a sparse backward; see `reference.topk_encode`."""
     impl = impl or _impl(W_enc.device)
     if impl == "triton":
         from flashsae.kernels import triton_ops
+        if b_dec is not None:
+            x_c = x_c - b_dec
         return triton_ops.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux)
-    return reference.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux)
+    return reference.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux, b_dec=b_dec)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, impl: str | None = None) -> Tensor:

@@ -105,13 +105,15 @@ class _TopKEncode(torch.autograd.Function):
 
     Backward is sparse: with g the (batch, k) gradient of the values (zero where relu clipped),
     dW_enc[j] = sum over (t, i) with indices[t, i] == j of g[t, i] * x_c[t], db_enc likewise, and
-    dx_c[t] = sum_i g[t, i] * W_enc[indices[t, i]]. AuxK candidates (top-k_aux among dead latents)
+    dx_c[t] = sum_i g[t, i] * W_enc[indices[t, i]] (with b_dec given, only its sum over rows: db_dec =
+    -(db_enc @ W_enc)). AuxK candidates (top-k_aux among dead latents)
     are selected in the same forward and share this backward, so the auxiliary loss trains the
     encoder too (sparsify's fused encoder drops it).
     """
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, k, aux_mask, k_aux):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k, aux_mask, k_aux):
+        x_c = x - b_dec if b_dec is not None else x
         # The bias rides in the product as an extra input column of ones: addmm would first copy the
         # broadcast bias into the whole (batch, d_sae) output, a quarter of the GEMM's time on the CPU.
         dtype = torch.get_autocast_dtype(x_c.device.type) if torch.is_autocast_enabled(x_c.device.type) else x_c.dtype
@@ -149,17 +151,20 @@ class _TopKEncode(torch.autograd.Function):
         if aidx.shape[1] > 0 and g_aux is not None:
             g = torch.cat([g, torch.where(aux_values > 0, g_aux, 0)], dim=1)
             idx = torch.cat([idx, aidx], dim=1)
-        grad_x = grad_W = grad_b = None
+        grad_x = grad_b_dec = grad_W = grad_b = None
+        acc = _acc_dtype(g)
         if ctx.needs_input_grad[0]:
-            acc = _acc_dtype(g)
             grad_x = F.embedding_bag(idx, W_enc.to(acc), per_sample_weights=g.to(acc), mode="sum").to(x_c.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if any(ctx.needs_input_grad[1:4]):
             seg = LatentSegments(idx, W_enc.shape[0])
-            if ctx.needs_input_grad[1]:
-                grad_W = seg.matmul(g, x_c).to(W_enc.dtype)
             if ctx.needs_input_grad[2]:
-                grad_b = seg.sum(g).to(W_enc.dtype)
-        return grad_x, grad_W, grad_b, None, None, None
+                grad_W = seg.matmul(g, x_c).to(W_enc.dtype)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+                g_sum = seg.sum(g)  # (d_sae,): the b_enc gradient
+                grad_b = g_sum.to(W_enc.dtype) if ctx.needs_input_grad[3] else None
+                if ctx.needs_input_grad[1]:  # sum over rows of -dx_c: one product, no (batch, d_in) gradient
+                    grad_b_dec = -(g_sum.to(acc) @ W_enc.to(acc)).to(x_c.dtype)
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -185,22 +190,24 @@ class _SparseDecode(torch.autograd.Function):
 
 
 def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
-                k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                k_aux: int = 0, b_dec: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sparse top-k ReLU encoder.
 
     Args:
-        x_c: (batch, d_in) centred input (x - b_dec).
+        x_c: (batch, d_in) centred input (x - b_dec), or the input x itself when `b_dec` is given.
         W_enc: (d_sae, d_in); b_enc: (d_sae,).
         k: latents kept per row.
         aux_mask: optional (d_sae,) bool, latents eligible for the AuxK selection (the dead ones).
         k_aux: AuxK latents per row (0 disables it).
+        b_dec: optional (d_in,) pre-encoder bias subtracted here. Its gradient is then one product,
+            -(db_enc @ W_enc), instead of a (batch, d_in) input gradient summed over the batch.
 
     Returns:
         values (batch, k) >= 0, indices (batch, k) int64, aux_values (batch, k_aux), aux_indices.
     """
     if aux_mask is None:
         k_aux = 0
-    return _TopKEncode.apply(x_c, W_enc, b_enc, k, aux_mask, k_aux)
+    return _TopKEncode.apply(x_c, b_dec, W_enc, b_enc, k, aux_mask, k_aux)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

@@ -69,7 +69,7 @@ class TopKSAE(SparseAutoencoder):
         k_aux = cfg.effective_k_aux if (aux_mask is not None and cfg.auxk_coef > 0) else 0
         if not self.is_deep:
             values, idx, aux_values, aux_idx = kernels.topk_encode(
-                x - self.b_dec, self.W_enc, self.b_enc, cfg.k, aux_mask=aux_mask, k_aux=k_aux)
+                x, self.W_enc, self.b_enc, cfg.k, aux_mask=aux_mask, k_aux=k_aux, b_dec=self.b_dec)
             codes = SparseCodes(values, idx)
             aux_codes = SparseCodes(aux_values, aux_idx) if k_aux else None
         else:
