@@ -9,7 +9,6 @@ from torch import Tensor
 
 from flashsae.config import TrainConfig
 from flashsae.distributed import LOCAL, Comm
-from flashsae.kernels import cpu_memory
 from flashsae.models.base import SparseAutoencoder, SparseCodes
 from flashsae.train.optim import default_lr, lr_factor, make_optimizer, sparsity_factor
 
@@ -45,8 +44,6 @@ class Trainer:
         self.total_steps = total_steps
         self.dead_after_rows = dead_after_rows
         device = model.W_dec.device
-        if device.type == "cpu":
-            cpu_memory.keep_freed_memory()
         self.base_lr = default_lr(cfg, model.d_sae)
         self.optimizer = make_optimizer(model.parameters(), cfg, self.base_lr, device)
         self.step_idx = 0
