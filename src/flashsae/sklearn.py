@@ -322,7 +322,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _train_options(self, n_rows: int, n_features: int, seed: int) -> dict:
         """Keyword options of `train()`: only those set, and only those the architecture has."""
         from flashsae.train.options import model_fields
-        from flashsae.train.run import _auto_batch
+        from flashsae.train.run import auto_batch_size
 
         relevant = model_fields(self.architecture)  # also validates the name
         options = {"architecture": self.architecture, "standardize": self.standardize,
@@ -345,7 +345,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             options["k"] = max(1, min(k, d_sae))
         n_val = int(round(self.val_fraction * n_rows)) if 0 <= self.val_fraction < 1 else 0
         n_train = max(1, n_rows - n_val)
-        options["batch_size"] = min(self.batch_size or _auto_batch(n_train), n_train)
+        options["batch_size"] = min(self.batch_size or auto_batch_size(n_train), n_train)
         return options
 
     def _check_transform_params(self) -> None:
@@ -388,7 +388,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         from flashsae.data import open_source
         from flashsae.preprocess import Standardizer, scan
         from flashsae.train.options import make_model_config, split_options
-        from flashsae.train.run import _init_b_dec, resolve_device
+        from flashsae.train.run import init_b_dec, resolve_device
 
         seed = self._seed()
         architecture, data_opts, train_opts, model_opts = split_options(self._train_options(*X.shape, seed))
@@ -401,7 +401,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         with _forked_rng(train_cfg.device):
             torch.manual_seed(seed)
             model = models.get(architecture)(model_cfg, standardizer).to(device)
-            _init_b_dec(model, source, np.arange(source.n_rows), seed)
+            init_b_dec(model, source, np.arange(source.n_rows), seed)
         self.model_ = model
         self._train_cfg = train_cfg
         self._trainer = None
@@ -422,11 +422,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                        dead_after_rows=max(cfg.batch_size, min(10_000_000, 10 * X.shape[0])))
 
     def _run_steps(self, X: np.ndarray) -> None:
-        from flashsae.train.run import _auto_batch
+        from flashsae.train.run import auto_batch_size
 
         trainer, model = self._trainer, self.model_
         device = model.W_dec.device
-        batch = min(self.batch_size or _auto_batch(X.shape[0]), X.shape[0])
+        batch = min(self.batch_size or auto_batch_size(X.shape[0]), X.shape[0])
         passes = self.epochs if self.epochs is not None else 1
         n_steps = max(1, int(passes * X.shape[0]) // batch)
         # Held-out metrics of an earlier fit no longer describe the model once it trains on.

@@ -44,18 +44,18 @@ from flashsae.train.run import (
     PreparedRows,
     TrainResult,
     _cpu_threads,
-    _record_eval,
     _final_metrics,
-    _init_b_dec,
     _install_signal_handlers,
     _log_row,
     _prepare_rows,
+    _record_eval,
     _restore_signal_handlers,
     _run_config,
     _schedule,
     _summary,
     _write_log,
     _write_run,
+    init_b_dec,
     resolve_device,
 )
 from flashsae.train.trainer import Trainer
@@ -207,7 +207,7 @@ class _Run:
             with torch.no_grad():
                 self.model.b_dec.copy_(b_dec[threads])
         else:
-            _init_b_dec(self.model, source, rows.train_ids, cfg.seed)
+            init_b_dec(self.model, source, rows.train_ids, cfg.seed)
             b_dec[threads] = self.model.b_dec.detach().clone()
         self.out = member.out
         self.work = None

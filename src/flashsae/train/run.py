@@ -156,7 +156,7 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     if resume:
         state = checkpoint.load(resume_from, model, trainer)
     else:
-        _init_b_dec(model, source, train_ids, train_cfg.seed)
+        init_b_dec(model, source, train_ids, train_cfg.seed)
         if work is not None:
             io.prepare_out(out, overwrite=overwrite, resume=False, create=True)
             io.write_json(work / io.CONFIG_FILE, run_config)
@@ -205,7 +205,7 @@ def _prepare_rows(source, data_cfg: DataConfig, train_cfg: TrainConfig, comm, sh
                                     seed=train_cfg.seed)
     if len(train_ids) == 0:
         raise DataError(f"{source.name} has no usable rows")
-    batch_size = train_cfg.batch_size or max(comm.world_size, _auto_batch(len(train_ids)) // comm.world_size * comm.world_size)
+    batch_size = train_cfg.batch_size or max(comm.world_size, auto_batch_size(len(train_ids)) // comm.world_size * comm.world_size)
     if batch_size % comm.world_size:
         raise ConfigError(f"batch_size {batch_size} is not a multiple of the {comm.world_size} ranks; each rank "
                           "trains on an equal share of every batch")
@@ -430,7 +430,8 @@ def _cpu_threads(cfg: TrainConfig, device: torch.device, macs_per_step: int) -> 
     return _DEFAULT_THREADS if device.type == "cpu" else None
 
 
-def _auto_batch(n_train: int) -> int:
+def auto_batch_size(n_train: int) -> int:
+    """The default rows per step: 4096, halved (down to 16) until there are at least 8 steps per epoch."""
     b = 4096
     while b > 16 and b * 8 > n_train:
         b //= 2
@@ -461,7 +462,7 @@ def _exclude_rows(stats: Scan, source, val_ids: np.ndarray) -> Scan:
 
 
 @torch.no_grad()
-def _init_b_dec(model, source, train_ids: np.ndarray, seed: int, n_sample: int = 4096, iters: int = 30) -> None:
+def init_b_dec(model, source, train_ids: np.ndarray, seed: int, n_sample: int = 4096, iters: int = 30) -> None:
     """b_dec = geometric median of a sample of standardised rows (Weiszfeld's algorithm)."""
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(train_ids, size=min(n_sample, len(train_ids)), replace=False))
