@@ -34,6 +34,7 @@ import torch
 from flashsae import distributed, io
 from flashsae.config import DataConfig, TrainConfig, to_dict
 from flashsae.data import BatchIterator, open_source
+from flashsae.data.device import to_device
 from flashsae.data.stream import STREAM_FIELDS
 from flashsae.errors import ConfigError
 from flashsae.eval.evaluate import evaluate
@@ -373,12 +374,12 @@ def _loop(runs: list[_Run], batches: BatchIterator, standardizer, device, show: 
         while not all(r.finished for r in runs):
             epoch, start = divmod(step, per_epoch)
             t_mark = time.perf_counter()
-            for batch in batches.epoch(epoch, start_batch=start):
-                x = standardizer(torch.from_numpy(batch).to(device, non_blocking=True))
+            for raw in to_device(batches.epoch(epoch, start_batch=start), device):
+                x = standardizer(raw)
                 active = [r for r in runs if not r.finished]
                 shared_s = (time.perf_counter() - t_mark) / len(active)
                 for run, train_s in zip(active, _compute(active, x, pool, n_workers)):
-                    run.after_step(batch.shape[0], train_s + shared_s)
+                    run.after_step(raw.shape[0], train_s + shared_s)
                 step += 1
                 for run in active:
                     if run.finished:

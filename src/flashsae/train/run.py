@@ -20,6 +20,7 @@ import torch
 from flashsae import distributed, io
 from flashsae.config import DataConfig, TrainConfig, to_dict
 from flashsae.data import BatchIterator, open_source, split_rows
+from flashsae.data.device import to_device
 from flashsae.data.stream import open_stream, pop_stream_options
 from flashsae.errors import ConfigError, DataError
 from flashsae.eval.evaluate import evaluate
@@ -277,13 +278,13 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
     try:
         while state["step"] < total_steps:
             epoch, start = divmod(state["step"], per_epoch)
-            for batch in batches.epoch(epoch, start_batch=start):
-                x = model.standardizer(torch.from_numpy(batch).to(device, non_blocking=True))
+            for raw in to_device(batches.epoch(epoch, start_batch=start), device):
+                x = model.standardizer(raw)
                 m = trainer.step(x)
                 acc = torch.stack(m) if acc is None else acc + torch.stack(m)
                 n_acc += 1
                 state["step"] += 1
-                state["rows_seen"] += batch.shape[0] * comm.world_size
+                state["rows_seen"] += raw.shape[0] * comm.world_size
                 step = state["step"]
                 done = step >= total_steps
                 at_log = step % cfg.log_every == 0 or done or step % eval_every == 0
