@@ -118,8 +118,8 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
 
-    dtype: str = "float32"
-    """Compute precision of the matrix products: float32 or bfloat16 (master weights stay float32)."""
+    dtype: str = "auto"
+    """Compute precision of the matrix products: float32, bfloat16 (master weights stay float32), or auto: bfloat16 for topk/batchtopk where the hardware multiplies bf16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs of compute capability 8.0+), else float32."""
 
     threads: int | None = None
     """CPU threads for PyTorch; None picks 1 for small steps (batch*d_in*d_sae < 2^27), else PyTorch's default."""
@@ -154,8 +154,8 @@ class TrainConfig:
         for name in ("lr_warmup", "lr_decay_fraction", "sparsity_warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         for name in ("log_every", "patience", "checkpoint_every"):
             if getattr(self, name) < 0 or (name == "log_every" and self.log_every < 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -232,7 +232,7 @@ def test_topk_training_steps_match_reference(grouped, monkeypatch):
     for impl in ("reference", "triton"):
         monkeypatch.setenv("FLASHSAE_KERNELS", impl)
         m = copy.deepcopy(model)
-        tr = Trainer(m, TrainConfig(lr=1e-3), total_steps=10, dead_after_rows=1)
+        tr = Trainer(m, TrainConfig(lr=1e-3, dtype="float32"), total_steps=10, dead_after_rows=1)
         first = tr.step(x)
         tr.refresh_aux()  # most latents did not fire in the first batch: AuxK runs next
         assert tr.use_aux

@@ -1,5 +1,6 @@
 """Training options end to end: optimizers, schedules, early stopping, standardisation modes."""
 import pytest
+import torch
 
 import flashsae
 from flashsae.config import TrainConfig
@@ -62,9 +63,37 @@ def test_image_shape_gives_an_atom_atlas(small_synthetic, tmp_path):
                                        (dict(standardize="minmax"), "standardize must be one of"),
                                        (dict(val_fraction=1.5), "val_fraction must be in"),
                                        (dict(rows=10, epochs=1), "either rows or epochs"),
-                                       (dict(dtype="float16"), "dtype must be float32 or bfloat16"),
+                                       (dict(dtype="float16"), "dtype must be auto, float32 or bfloat16"),
                                        (dict(bogus=1), "unknown option 'bogus'")])
 def test_bad_options(bad, match, small_synthetic):
     X, _ = small_synthetic
     with pytest.raises(ConfigError, match=match):
         flashsae.train(X, **{**FAST, **bad})
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_dtype_is_bf16_only_for_topk_on_bf16_hardware(monkeypatch, has_bf16):
+    from flashsae import models
+    from flashsae.train import optim
+
+    monkeypatch.setattr(optim, "_cpu_has_bf16", lambda: has_bf16)
+    cpu = torch.device("cpu")
+    topk = models.build("topk", d_in=8, d_sae=32, k=2)
+    relu = models.build("relu-l1", d_in=8, d_sae=32)
+    assert optim.resolve_dtype(TrainConfig(), topk, cpu) == ("bfloat16" if has_bf16 else "float32")
+    assert optim.resolve_dtype(TrainConfig(), models.build("batchtopk", d_in=8, d_sae=32, k=2), cpu) == \
+        ("bfloat16" if has_bf16 else "float32")
+    assert optim.resolve_dtype(TrainConfig(), relu, cpu) == "float32"  # dense models: measured in fp32 only
+    assert optim.resolve_dtype(TrainConfig(dtype="float32"), topk, cpu) == "float32"
+    assert optim.resolve_dtype(TrainConfig(dtype="bfloat16"), relu, cpu) == "bfloat16"
+
+
+def test_the_resolved_dtype_is_recorded(tmp_path):
+    from flashsae import io
+    from flashsae.train.optim import native_bf16
+    from flashsae.train.run import train
+
+    _, result = train("digits", out=tmp_path / "run", rows=2048, k=4, quiet=True)
+    cfg = io.read_json(result.run_dir / io.CONFIG_FILE)
+    assert cfg["train"]["dtype"] == "auto"
+    assert cfg["resolved"]["dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")

@@ -202,8 +202,8 @@ class _Run:
         self.eval_ids = rows.val_ids[:4096] if len(rows.val_ids) else rows.train_ids[:4096]
         self.run_config = _run_config(member.architecture, model_cfg, cfg, member.data_cfg, source, rows, data_fp,
                                       {"batch_size": rows.batch_size, "total_steps": self.total_steps,
-                                       "lr": self.trainer.base_lr, "dead_after_rows": dead_after,
-                                       "device": str(device), "world_size": 1})
+                                       "lr": self.trainer.base_lr, "dtype": self.trainer.dtype,
+                                       "dead_after_rows": dead_after, "device": str(device), "world_size": 1})
         if threads in b_dec:  # the geometric median depends on the data and seed only: computed once per pass
             with torch.no_grad():
                 self.model.b_dec.copy_(b_dec[threads])

