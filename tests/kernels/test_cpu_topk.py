@@ -111,3 +111,27 @@ def test_reference_setting_disables_it(monkeypatch):
     monkeypatch.setenv("FLASHSAE_KERNELS", "reference")
     assert not cpu_topk.available()
     _check(torch.randn(10, 4096), 16)
+
+
+@pytest.mark.skipif(not cpu_topk.available(), reason="needs the compiler")
+def test_the_portable_build_without_avx512(monkeypatch, tmp_path):
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the flag is x86 only; elsewhere the portable build is the only build")
+    monkeypatch.setenv("FLASHSAE_CPU_TOPK_CFLAGS", "-mno-avx512f")
+    monkeypatch.setenv("FLASHSAE_CACHE", str(tmp_path))
+    cpu_topk._library.cache_clear()
+    try:
+        assert cpu_topk.available()
+        g = torch.Generator().manual_seed(5)
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows, n, k in [(7, 4096, 16), (5, 333, 7), (4, 512, 64), (3, 300, 1)]:
+                _check(torch.randn(rows, n, generator=g).to(dtype), k)
+        x = torch.randn(8, 700, generator=g)
+        x[0, 5] = float("nan")
+        x[1] = float("-inf")
+        _check(x, 11)
+    finally:
+        monkeypatch.undo()
+        cpu_topk._library.cache_clear()

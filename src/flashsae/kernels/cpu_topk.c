@@ -7,8 +7,11 @@
  * (with AVX-512, the elementwise maximum of `depth` consecutive vectors gives 16 group maxima at
  * once), then the k-th largest of those maxima, `thr`: a lower bound on the row's k-th largest
  * entry, since the k groups with the largest maxima hold k distinct entries >= thr. Only entries
- * >= thr can be in the answer and there are few of them (about k plus a handful when there are
- * several groups per selected entry), so the second read keeps a heap of size k over just those.
+ * >= thr can be in the answer and there are few of them (k plus about 2-5 on SAE pre-activations,
+ * with about four groups per selected entry): the second read gathers them and the surplus is
+ * dropped. With AVX-512 the k-th largest maximum comes from a quickselect whose partitions are
+ * vector compares and in-register compresses, and the gathering is branch-free, so the work is
+ * close to one streaming read of the row; without it, heaps of size k do both selections.
  * torch.topk instead copies every row into (value, index) pairs and partially sorts them.
  * Requires k <= n_groups(n, depth). Rows are split over `threads` POSIX threads.
  *
@@ -88,6 +91,7 @@ static inline int64_t n_groups(int64_t n, int64_t depth) {
     return (n / chunk) * LANES + (n % chunk + depth - 1) / depth;
 }
 
+#ifndef __AVX512F__
 /* The k-th largest of v[0..n) (k <= n), using the heap arrays as scratch. */
 static float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_t *hi) {
     int64_t count = 0, i = 0;
@@ -102,6 +106,7 @@ static float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_
     for (; i < n; i++) offer(hv, hi, k, &count, v[i], i);
     return hv[0];
 }
+#endif
 
 #ifdef __AVX512F__
 #define VLOAD_F32(p) _mm512_loadu_ps(p)
@@ -111,11 +116,91 @@ static float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_
 #define LOAD_F32(v) (v)
 #define LOAD_BF16(v) bf16_to_f32(v)
 
+#ifdef __AVX512F__
+/* The k-th largest of v[0..n) (1 <= k <= n; no NaN), leaving v as is: quickselect whose partitions
+ * are vector compares and in-register compresses, so the branches are per pass, not per value.
+ * a and b hold n + LANES floats each. */
+static float kth_select(const float *v, int64_t n, int64_t k, float *a, float *b) {
+    float *cur = a, *other = b;
+    memcpy(cur, v, sizeof(float) * (size_t)n);
+    for (;;) {
+        if (n <= LANES) { /* insertion sort, largest first */
+            for (int64_t i = 1; i < n; i++) {
+                float x = cur[i];
+                int64_t j = i;
+                for (; j > 0 && cur[j - 1] < x; j--) cur[j] = cur[j - 1];
+                cur[j] = x;
+            }
+            return cur[k - 1];
+        }
+        float p0 = cur[0], p1 = cur[n / 2], p2 = cur[n - 1];
+        float pivot = p0 < p1 ? (p1 < p2 ? p1 : (p0 < p2 ? p2 : p0)) : (p0 < p2 ? p0 : (p1 < p2 ? p2 : p1));
+        const __m512 pv = _mm512_set1_ps(pivot);
+        int64_t h = 0, l = 0; /* greater ones go to `other`, smaller ones stay at the front of `cur` */
+        for (int64_t j = 0; j < n; j += LANES) {
+            __mmask16 live = n - j >= LANES ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(live, cur + j);
+            __mmask16 gt = _mm512_mask_cmp_ps_mask(live, x, pv, _CMP_GT_OQ);
+            __mmask16 lt = _mm512_mask_cmp_ps_mask(live, x, pv, _CMP_LT_OQ);
+            _mm512_storeu_ps(other + h, _mm512_maskz_compress_ps(gt, x));
+            _mm512_storeu_ps(cur + l, _mm512_maskz_compress_ps(lt, x)); /* l <= j: x is already loaded */
+            h += __builtin_popcount(gt);
+            l += __builtin_popcount(lt);
+        }
+        if (k <= h) {
+            float *t = cur;
+            cur = other;
+            other = t;
+            n = h;
+        } else if (k <= n - l) {
+            return pivot;
+        } else {
+            k -= n - l;
+            n = l;
+        }
+    }
+}
+
+/* Index of the smallest of v[0..m) (m >= 1). */
+static inline int64_t argmin(const float *v, int64_t m) {
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    __m512 best = inf;
+    for (int64_t j = 0; j < m; j += LANES) {
+        __mmask16 live = m - j >= LANES ? 0xFFFF : (__mmask16)((1u << (m - j)) - 1);
+        best = _mm512_min_ps(best, _mm512_mask_loadu_ps(inf, live, v + j));
+    }
+    const __m512 low = _mm512_set1_ps(_mm512_reduce_min_ps(best));
+    for (int64_t j = 0; j < m; j += LANES) {
+        __mmask16 live = m - j >= LANES ? 0xFFFF : (__mmask16)((1u << (m - j)) - 1);
+        __mmask16 hit = _mm512_mask_cmp_ps_mask(live, _mm512_mask_loadu_ps(inf, live, v + j), low, _CMP_EQ_OQ);
+        if (hit) return j + __builtin_ctz(hit);
+    }
+    return m - 1; /* every candidate is +inf */
+}
+
+/* The k largest of the m >= k candidates (keys cv, indices ci) into hi. A few surplus candidates
+ * are dropped one minimum at a time (vector scans, no data-dependent branches per element); many
+ * go through the heap. */
+static void select_candidates(float *cv, int32_t *ci, int64_t m, int64_t k, float *hv, int64_t *hi) {
+    if (m - k <= 32) {
+        for (; m > k; m--) {
+            int64_t p = argmin(cv, m);
+            cv[p] = cv[m - 1];
+            ci[p] = ci[m - 1];
+        }
+        for (int64_t j = 0; j < k; j++) hi[j] = ci[j];
+        return;
+    }
+    int64_t count = 0;
+    for (int64_t j = 0; j < m; j++) offer(hv, hi, k, &count, cv[j], ci[j]);
+}
+#endif
+
 /* One row: x (n entries) -> hi (k indices). gmax holds n_groups(n, depth) floats. */
 #ifdef __AVX512F__
 #define ROW_TOPK(NAME, T, LOAD, VLOAD)                                                          \
     static void NAME(const T *x, int64_t n, int64_t k, int64_t depth, float *gmax, float *hv,  \
-                     int64_t *hi, int64_t *scratch) {                                          \
+                     int64_t *hi, int64_t *scratch, float *cv, int32_t *ci) {                  \
         const int64_t chunk = LANES * depth, nc = n / chunk, ng = n_groups(n, depth);          \
         const __m512 inf = _mm512_set1_ps(INFINITY);                                           \
         for (int64_t c = 0; c < nc; c++) {                                                     \
@@ -135,29 +220,41 @@ static float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_
             }                                                                                  \
             gmax[g] = m;                                                                       \
         }                                                                                      \
-        const float thr = kth_largest(gmax, ng, k, hv, scratch);                               \
+        const float thr = kth_select(gmax, ng, k, cv, (float *)ci);                            \
         const __m512 t = _mm512_set1_ps(thr);                                                  \
-        int64_t count = 0;                                                                     \
+        (void)scratch;                                                                         \
+        /* Gather every entry >= thr (no branch per vector: an empty mask adds nothing), then   \
+         * drop the smallest until k are left, or heap-select when many.                        \
+         * NaN entries pass the not-less-than (unordered) test and rank as +inf. */              \
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
+        int64_t m = 0;                                                                         \
         for (int64_t c = 0; c < nc; c++) {                                                     \
             if (!_mm512_cmp_ps_mask(_mm512_loadu_ps(gmax + c * LANES), t, _CMP_GE_OQ)) continue; \
             for (int64_t i = c * chunk; i < (c + 1) * chunk; i += LANES) {                     \
-                /* not-less-than, unordered: NaN entries pass too */                           \
-                __mmask16 m = _mm512_cmp_ps_mask(VLOAD(x + i), t, _CMP_NLT_UQ);                \
-                for (; m; m &= m - 1) {                                                        \
-                    int64_t j = i + __builtin_ctz(m);                                          \
-                    offer(hv, hi, k, &count, key_of(LOAD(x[j])), j);                           \
-                }                                                                              \
+                __m512 a = VLOAD(x + i);                                                       \
+                __mmask16 pass = _mm512_cmp_ps_mask(a, t, _CMP_NLT_UQ);                        \
+                a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);        \
+                /* compress in registers, then a full store (the buffers have a vector of slack): \
+                 * a compress straight to memory is microcoded and slow on AMD Zen 4 */          \
+                _mm512_storeu_ps(cv + m, _mm512_maskz_compress_ps(pass, a));                   \
+                _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(                       \
+                                                pass, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i)))); \
+                m += __builtin_popcount(pass);                                                 \
             }                                                                                  \
         }                                                                                      \
         for (int64_t i = nc * chunk; i < n; i++) {                                             \
             float key = key_of(LOAD(x[i]));                                                    \
-            if (key >= thr) offer(hv, hi, k, &count, key, i);                                  \
+            if (key >= thr) {                                                                  \
+                cv[m] = key;                                                                   \
+                ci[m++] = (int32_t)i;                                                          \
+            }                                                                                  \
         }                                                                                      \
+        select_candidates(cv, ci, m, k, hv, hi);                                               \
     }
 #else
 #define ROW_TOPK(NAME, T, LOAD, VLOAD)                                                          \
     static void NAME(const T *x, int64_t n, int64_t k, int64_t depth, float *gmax, float *hv,  \
-                     int64_t *hi, int64_t *scratch) {                                          \
+                     int64_t *hi, int64_t *scratch, float *cv, int32_t *ci) {                  \
         const int64_t chunk = LANES * depth, nc = n / chunk, ng = n_groups(n, depth);          \
         for (int64_t c = 0; c < nc; c++) {                                                     \
             float m[LANES];                                                                    \
@@ -179,6 +276,8 @@ static float kth_largest(const float *v, int64_t n, int64_t k, float *hv, int64_
         }                                                                                      \
         const float thr = kth_largest(gmax, ng, k, hv, scratch);                               \
         int64_t count = 0;                                                                     \
+        (void)cv;                                                                              \
+        (void)ci;                                                                              \
         for (int64_t g = 0; g < ng; g++) {                                                     \
             if (gmax[g] < thr) continue;                                                       \
             int64_t start, step, end;                                                          \
@@ -223,22 +322,34 @@ static void *run_job(void *arg) {
         return NULL;
     }
     float *gmax = hv + j->k;
+    float *cv = (float *)malloc(sizeof(float) * (size_t)(j->n + LANES));
+    int32_t *ci = (int32_t *)malloc(sizeof(int32_t) * (size_t)(j->n + LANES));
+    if (!cv || !ci) {
+        free(hv);
+        free(scratch);
+        free(cv);
+        free(ci);
+        j->status = 1;
+        return NULL;
+    }
     for (int64_t r = j->r0; r < j->r1; r++) {
         int64_t *hi = j->idx + r * j->k;
         if (j->bf16) {
             const uint16_t *row = (const uint16_t *)j->x + r * j->ld;
-            row_topk_bf16(row, j->n, j->k, j->depth, gmax, hv, hi, scratch);
+            row_topk_bf16(row, j->n, j->k, j->depth, gmax, hv, hi, scratch, cv, ci);
             uint16_t *out = (uint16_t *)j->vals + r * j->k;
             for (int64_t t = 0; t < j->k; t++) out[t] = row[hi[t]];
         } else {
             const float *row = (const float *)j->x + r * j->ld;
-            row_topk_f32(row, j->n, j->k, j->depth, gmax, hv, hi, scratch);
+            row_topk_f32(row, j->n, j->k, j->depth, gmax, hv, hi, scratch, cv, ci);
             float *out = (float *)j->vals + r * j->k;
             for (int64_t t = 0; t < j->k; t++) out[t] = row[hi[t]];
         }
     }
     free(hv);
     free(scratch);
+    free(cv);
+    free(ci);
     j->status = 0;
     return NULL;
 }
