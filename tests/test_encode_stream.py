@@ -41,3 +41,42 @@ def test_encoding_memory_does_not_grow_with_the_rows(tmp_path):
     tracemalloc.stop()
     assert peak < 3 * 2**20 < csr_bytes / 4, peak  # one chunk of codes and one 1 MiB copy piece
     assert sp.load_npz(tmp_path / "codes.npz").nnz <= 200_000 * 8
+
+
+def test_decoding_maps_the_file_flashsae_wrote(tmp_path, monkeypatch):
+    from flashsae import DataError, codes as codes_mod
+
+    x = np.random.default_rng(2).normal(size=(3000, 6)).astype(np.float32)
+    model = build("topk", d_in=6, d_sae=24, k=3)
+    encode_to_npz(model, ArraySource(x, "array"), path=tmp_path / "codes.npz", chunk_rows=500)
+    in_memory = sp.load_npz(tmp_path / "codes.npz").tocsr()
+    codes_mod.decode_to_npy(model, in_memory, tmp_path / "ref.npy", chunk_rows=256)
+
+    monkeypatch.setattr(sp, "load_npz", lambda *a, **k: pytest.fail("the whole file was loaded"))
+    mapped = codes_mod.open_codes(tmp_path / "codes.npz", 24)
+    assert isinstance(mapped, codes_mod.MappedCSR) and mapped.shape == (3000, 24)
+    codes_mod.decode_to_npy(model, mapped, tmp_path / "out.npy", chunk_rows=256)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.load(tmp_path / "ref.npy"))
+    with pytest.raises(DataError, match="has shape \\(3000, 24\\) but the model has 30 latents"):
+        codes_mod.open_codes(tmp_path / "codes.npz", 30)
+    monkeypatch.undo()
+
+    # a compressed .npz (scipy's default) is loaded whole instead, with the same result
+    sp.save_npz(tmp_path / "zipped.npz", in_memory, compressed=True)
+    loaded = codes_mod.open_codes(tmp_path / "zipped.npz", 24)
+    assert isinstance(loaded, sp.csr_matrix)
+    codes_mod.decode_to_npy(model, loaded, tmp_path / "out2.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "out2.npy"), np.load(tmp_path / "ref.npy"))
+
+    # a column index out of range is found in the slice that holds it, and nothing is written
+    bad = in_memory.copy()
+    bad.indices = bad.indices.copy()
+    bad.indices[bad.indptr[2000]] = 99
+    codes_mod._write_npz(tmp_path / "bad.npz", {"indices": bad.indices, "indptr": bad.indptr,
+                                                "format": np.array(b"csr"), "data": bad.data,
+                                                "shape": np.array(bad.shape, dtype=np.int64)})
+    mapped = codes_mod.open_codes(tmp_path / "bad.npz", 24)
+    assert isinstance(mapped, codes_mod.MappedCSR)
+    with pytest.raises(DataError, match=r"column index is outside \[0, 24\) in rows 1792-2048"):
+        codes_mod.decode_to_npy(model, mapped, tmp_path / "bad.npy", chunk_rows=256)
+    assert not (tmp_path / "bad.npy").exists() and not list(tmp_path.glob(".bad*"))

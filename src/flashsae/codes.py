@@ -201,9 +201,82 @@ def load_csr(path: str | os.PathLike, d_sae: int) -> sp.csr_matrix:
     return codes
 
 
+class MappedCSR:
+    """A CSR .npz whose arrays are stored uncompressed (as `encode_to_npz` writes them), memory-mapped:
+    rows are read a slice at a time, so decoding needs memory for one chunk, not for the file.
+
+    `codes[a:b]` is a validated scipy CSR matrix of rows a..b (column indices in range, row
+    pointers non-decreasing); a bad slice raises DataError.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], data, indices, indptr):
+        self.path, self.shape = path, shape
+        self.data, self.indices, self.indptr = data, indices, indptr
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        start, stop, _ = rows.indices(self.shape[0])
+        ptr = np.asarray(self.indptr[start:stop + 1], dtype=np.int64)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        if np.any(np.diff(ptr) < 0) or not 0 <= lo <= hi <= len(self.data):
+            raise DataError(f"{self.path} is not a valid CSR matrix: bad row pointers in rows {start}-{stop}")
+        indices = np.asarray(self.indices[lo:hi])
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.shape[1]):
+            raise DataError(f"{self.path} is not a valid CSR matrix: a column index is outside [0, {self.shape[1]}) "
+                            f"in rows {start}-{stop}")
+        return sp.csr_matrix((np.asarray(self.data[lo:hi]), indices, ptr - lo), shape=(stop - start, self.shape[1]))
+
+
+def open_codes(path: str | os.PathLike, d_sae: int):
+    """Codes for `decode_to_npy`: memory-mapped when the .npz stores its arrays uncompressed (what
+    `flashsae encode` writes), else loaded and validated whole by `load_csr`."""
+    path = Path(path)
+    try:
+        arrays = _map_stored_npz(path, ("data", "indices", "indptr", "format", "shape"))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
+        arrays = None
+    if arrays is None or bytes(np.asarray(arrays["format"]).tobytes()).rstrip(b"\0") != b"csr":
+        return load_csr(path, d_sae)
+    shape = tuple(int(v) for v in np.asarray(arrays["shape"]).reshape(-1))
+    data, indices, indptr = arrays["data"], arrays["indices"], arrays["indptr"]
+    if len(shape) != 2 or min(a.ndim for a in (data, indices, indptr)) != 1 or len(indptr) != shape[0] + 1 \
+            or len(data) != len(indices) or data.dtype.kind not in "biuf" or indices.dtype.kind not in "iu":
+        return load_csr(path, d_sae)  # whatever is odd about it, the full loader reports it
+    if shape[1] != d_sae:
+        raise DataError(f"{path} has shape {shape} but the model has {d_sae} latents")
+    return MappedCSR(path, shape, data, indices, indptr)
+
+
+def _map_stored_npz(path: Path, names: tuple[str, ...]) -> dict | None:
+    """Memory maps of the named .npy members of an uncompressed .npz; None when any is compressed."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for name in names:
+            info = zf.getinfo(name + ".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            if fortran or dtype.hasobject:
+                return None
+            count = int(np.prod(shape)) if shape else 1
+            if f.tell() + count * dtype.itemsize > info.header_offset + 30 + name_len + extra_len + info.file_size:
+                return None
+            out[name] = (np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape) if count
+                         else np.zeros(shape, dtype))
+    return out
+
+
 @torch.no_grad()
-def decode_to_npy(model, codes: sp.csr_matrix, path: str | os.PathLike, *, chunk_rows: int = 8192) -> None:
-    """Reconstructions of CSR codes written to a .npy file (float32), chunk by chunk."""
+def decode_to_npy(model, codes, path: str | os.PathLike, *, chunk_rows: int = 8192) -> None:
+    """Reconstructions of codes (a scipy CSR matrix or `open_codes`'s MappedCSR) written to a .npy file
+    (float32), chunk by chunk."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
     try:

@@ -19,13 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flashsae import io
-    from flashsae.codes import decode_to_npy, load_csr
+    from flashsae.codes import decode_to_npy, open_codes
     from flashsae.errors import ConfigError
 
     if not args.out.endswith(".npy"):
         raise ConfigError(f"--out must end in .npy, got {args.out}")
     model = io.load(args.run_dir)
-    codes = load_csr(args.codes, model.d_sae)
+    codes = open_codes(args.codes, model.d_sae)  # memory-mapped when flashsae encode wrote it
     decode_to_npy(model, codes, args.out)
     if args.json:
         from flashsae.cli.common import print_json
