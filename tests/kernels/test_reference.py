@@ -73,3 +73,33 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     assert kernels._impl(torch.device("cpu")) == "reference"
     monkeypatch.setenv("FLASHSAE_KERNELS", "reference")
     assert kernels._impl(torch.device("cuda")) == "reference"
+
+
+def test_decoder_and_encoder_backward_group_the_latents_once(monkeypatch):
+    torch.manual_seed(3)
+    x = torch.randn(50, 12)
+    params = [torch.randn(64, 12, requires_grad=True), torch.randn(64, requires_grad=True),
+              torch.randn(12, requires_grad=True), torch.randn(64, 12, requires_grad=True)]
+    built = []
+    original = reference.LatentSegments.__init__
+
+    def counting(self, *a, **k):
+        built.append(1)
+        original(self, *a, **k)
+
+    monkeypatch.setattr(reference.LatentSegments, "__init__", counting)
+
+    def grads(shared):
+        W_enc, b_enc, b_dec, W_dec = params
+        values, idx, _, _ = reference.topk_encode(x, W_enc, b_enc, 5, b_dec=b_dec, shared=shared)
+        loss = (reference.sparse_decode(values, idx, W_dec, shared=shared) + b_dec - x).pow(2).sum()
+        return torch.autograd.grad(loss, params)
+
+    built.clear()
+    alone = grads(None)
+    assert len(built) == 2
+    built.clear()
+    together = grads({})
+    assert len(built) == 1
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

@@ -37,7 +37,7 @@ def _impl(device) -> str:
 
 
 def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
-                k_aux: int = 0, b_dec: Tensor | None = None, impl: str | None = None):
+                k_aux: int = 0, b_dec: Tensor | None = None, shared: dict | None = None, impl: str | None = None):
     """Top-k ReLU encoder with a sparse backward; see `reference.topk_encode`."""
     impl = impl or _impl(W_enc.device)
     if impl == "triton":
@@ -45,13 +45,14 @@ def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: 
         if b_dec is not None:
             x_c = x_c - b_dec
         return triton_ops.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux)
-    return reference.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux, b_dec=b_dec)
+    return reference.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux, b_dec=b_dec, shared=shared)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, impl: str | None = None) -> Tensor:
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dict | None = None,
+                  impl: str | None = None) -> Tensor:
     """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in); see `reference.sparse_decode`."""
     impl = impl or _impl(W_dec.device)
     if impl == "triton":
         from flashsae.kernels import triton_ops
         return triton_ops.sparse_decode(values, indices, W_dec)
-    return reference.sparse_decode(values, indices, W_dec)
+    return reference.sparse_decode(values, indices, W_dec, shared=shared)

@@ -8,10 +8,10 @@ faster than torch.topk at SAE shapes (`python -m bench.topk_cpu`), with the same
 (`sorted=False` order, NaN ranked highest like torch.topk).
 
 The shared library is built with the system C compiler (`$CC`, `cc` or `gcc`; `-O3 -march=native`,
-plus `$FLASHSAE_CPU_TOPK_CFLAGS`) into a cache directory keyed by the source, the compiler and the CPU (`$FLASHSAE_CACHE`, else
-`$XDG_CACHE_HOME/flashsae`, else `~/.cache/flashsae`), written under a temporary name and renamed.
-Without a compiler, or when the build fails, `topk` quietly uses `torch.topk`;
-`FLASHSAE_KERNELS=reference` does too. `available()` says which one runs.
+plus `$FLASHSAE_CPU_TOPK_CFLAGS`) into a cache directory keyed by the source, the compiler and the
+CPU (`$FLASHSAE_CACHE`, else `$XDG_CACHE_HOME/flashsae`, else `~/.cache/flashsae`), written under a
+temporary name and renamed. Without a compiler, or when the build fails, `topk` quietly uses
+`torch.topk`; `FLASHSAE_KERNELS=reference` does too. `available()` says which one runs.
 """
 from __future__ import annotations
 

@@ -53,6 +53,14 @@ class LatentSegments:
         return (csum[self.crow[1:]] - csum[self.crow[:-1]]).to(_acc_dtype(weights))
 
 
+def _shared_segments(shared: dict | None, indices: Tensor) -> LatentSegments | None:
+    """The decoder backward's grouping of `indices` by latent, when it was made for this very tensor."""
+    entry = shared.pop("segments", None) if shared is not None else None
+    if entry is not None and entry[0] == indices.data_ptr() and entry[1] == tuple(indices.shape):
+        return entry[2]
+    return None
+
+
 def _gather_dot(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
     """out[t, i] = <g[t], W[indices[t, i]]>, as a sampled dense product (SDDMM) at the code pattern.
 
@@ -112,8 +120,9 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k, aux_mask, k_aux):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k, aux_mask, k_aux, shared):
         x_c = x - b_dec if b_dec is not None else x
+        ctx.shared = shared
         # The bias rides in the product as an extra input column of ones: addmm would first copy the
         # broadcast bias into the whole (batch, d_sae) output, a quarter of the GEMM's time on the CPU.
         dtype = torch.get_autocast_dtype(x_c.device.type) if torch.is_autocast_enabled(x_c.device.type) else x_c.dtype
@@ -156,7 +165,7 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, W_enc.to(acc), per_sample_weights=g.to(acc), mode="sum").to(x_c.dtype)
         if any(ctx.needs_input_grad[1:4]):
-            seg = LatentSegments(idx, W_enc.shape[0])
+            seg = _shared_segments(ctx.shared, idx) or LatentSegments(idx, W_enc.shape[0])
             if ctx.needs_input_grad[2]:
                 grad_W = seg.matmul(g, x_c).to(W_enc.dtype)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
@@ -164,15 +173,16 @@ class _TopKEncode(torch.autograd.Function):
                 grad_b = g_sum.to(W_enc.dtype) if ctx.needs_input_grad[3] else None
                 if ctx.needs_input_grad[1]:  # sum over rows of -dx_c: one product, no (batch, d_in) gradient
                     grad_b_dec = -(g_sum.to(acc) @ W_enc.to(acc)).to(x_c.dtype)
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     """x_hat[t] = sum_i values[t, i] * W_dec[indices[t, i]]; gather-dot and segment-sum backward."""
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec):
+    def forward(ctx, values, indices, W_dec, shared):
         ctx.save_for_backward(values, indices, W_dec)
+        ctx.shared = shared
         # In fp32 even under bf16 autocast: k rows per input are cheap to add exactly, and no bf16
         # copy of W_dec (or fp32 copy of the result for the loss) is needed.
         acc = _acc_dtype(values)
@@ -185,12 +195,16 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = _gather_dot(indices, g, W_dec).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = LatentSegments(indices, W_dec.shape[0]).matmul(values, g).to(W_dec.dtype)
-        return grad_values, None, grad_W
+            seg = LatentSegments(indices, W_dec.shape[0])
+            if ctx.shared is not None:  # the encoder's backward, next, selected the same latents
+                ctx.shared["segments"] = (indices.data_ptr(), tuple(indices.shape), seg)
+            grad_W = seg.matmul(values, g).to(W_dec.dtype)
+        return grad_values, None, grad_W, None
 
 
 def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
-                k_aux: int = 0, b_dec: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                k_aux: int = 0, b_dec: Tensor | None = None,
+                shared: dict | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sparse top-k ReLU encoder.
 
     Args:
@@ -201,17 +215,21 @@ def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: 
         k_aux: AuxK latents per row (0 disables it).
         b_dec: optional (d_in,) pre-encoder bias subtracted here. Its gradient is then one product,
             -(db_enc @ W_enc), instead of a (batch, d_in) input gradient summed over the batch.
+        shared: a fresh dict also given to `sparse_decode` of these codes: the backward then groups
+            the selected (row, slot) pairs by latent once for both weight gradients.
 
     Returns:
         values (batch, k) >= 0, indices (batch, k) int64, aux_values (batch, k_aux), aux_indices.
     """
     if aux_mask is None:
         k_aux = 0
-    return _TopKEncode.apply(x_c, b_dec, W_enc, b_enc, k, aux_mask, k_aux)
+    return _TopKEncode.apply(x_c, b_dec, W_enc, b_enc, k, aux_mask, k_aux, shared)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec."""
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dict | None = None) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec.
+
+    `shared`: the dict given to `topk_encode` for these codes (see there)."""
     if values.shape[1] == 0:
         return values.new_zeros((values.shape[0], W_dec.shape[1]))
-    return _SparseDecode.apply(values, indices, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec, shared)

@@ -141,11 +141,12 @@ class SparseAutoencoder(nn.Module):
             y = nn.functional.linear(torch.relu(y), self.dec_layers[i], self.dec_layers[i + 1])
         return y + self.b_dec
 
-    def decode_codes(self, codes: Codes) -> Tensor:
+    def decode_codes(self, codes: Codes, *, shared: dict | None = None) -> Tensor:
+        """Reconstruction of codes; `shared`: the dict the top-k encoder got (`kernels.topk_encode`)."""
         if isinstance(codes, SparseCodes):
             from flashsae import kernels
 
-            y = kernels.sparse_decode(codes.values, codes.indices, self.W_dec)
+            y = kernels.sparse_decode(codes.values, codes.indices, self.W_dec, shared=shared)
             return self._decoder_tail(y)
         return self.decode_dense(codes)
 

@@ -67,9 +67,11 @@ class TopKSAE(SparseAutoencoder):
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         cfg = self.cfg
         k_aux = cfg.effective_k_aux if (aux_mask is not None and cfg.auxk_coef > 0) else 0
+        shared = None
         if not self.is_deep:
+            shared = {}  # lets the backward group the selected latents once for both weight gradients
             values, idx, aux_values, aux_idx = kernels.topk_encode(
-                x, self.W_enc, self.b_enc, cfg.k, aux_mask=aux_mask, k_aux=k_aux, b_dec=self.b_dec)
+                x, self.W_enc, self.b_enc, cfg.k, aux_mask=aux_mask, k_aux=k_aux, b_dec=self.b_dec, shared=shared)
             codes = SparseCodes(values, idx)
             aux_codes = SparseCodes(aux_values, aux_idx) if k_aux else None
         else:
@@ -77,7 +79,7 @@ class TopKSAE(SparseAutoencoder):
             top, idx = cpu_topk.topk(pre, cfg.k)
             codes = SparseCodes(torch.relu(top), idx)
             aux_codes = _dense_aux(pre, aux_mask, k_aux) if k_aux else None
-        x_hat = self.decode_codes(codes)
+        x_hat = self.decode_codes(codes, shared=shared)
         aux = None
         if aux_codes is not None:
             aux = self.decode_codes(aux_codes) - self.b_dec
