@@ -113,10 +113,10 @@ class _TopKEncode(torch.autograd.Function):
 
     Backward is sparse: with g the (batch, k) gradient of the values (zero where relu clipped),
     dW_enc[j] = sum over (t, i) with indices[t, i] == j of g[t, i] * x_c[t], db_enc likewise, and
-    dx_c[t] = sum_i g[t, i] * W_enc[indices[t, i]] (with b_dec given, only its sum over rows: db_dec =
-    -(db_enc @ W_enc)). AuxK candidates (top-k_aux among dead latents)
-    are selected in the same forward and share this backward, so the auxiliary loss trains the
-    encoder too (sparsify's fused encoder drops it).
+    dx_c[t] = sum_i g[t, i] * W_enc[indices[t, i]] (with b_dec given, only its sum over rows is
+    needed: db_dec = -(db_enc @ W_enc)). AuxK candidates (top-k_aux among dead latents) are selected
+    in the same forward and share this backward, so the auxiliary loss trains the encoder too
+    (sparsify's fused encoder drops it).
     """
 
     @staticmethod
