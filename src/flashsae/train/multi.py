@@ -37,7 +37,6 @@ from flashsae.data import BatchIterator, open_source
 from flashsae.data.device import to_device
 from flashsae.data.stream import STREAM_FIELDS
 from flashsae.errors import ConfigError
-from flashsae.eval.evaluate import evaluate
 from flashsae.train import checkpoint, loggers
 from flashsae.train.options import make_model_config, split_options
 from flashsae.train.run import (
@@ -47,9 +46,8 @@ from flashsae.train.run import (
     _cpu_threads,
     _final_metrics,
     _install_signal_handlers,
-    _log_row,
+    _log_step,
     _prepare_rows,
-    _record_eval,
     _restore_signal_handlers,
     _run_config,
     _schedule,
@@ -248,16 +246,9 @@ class _Run:
         step = state["step"]
         done = step >= self.total_steps
         if step % cfg.log_every == 0 or done or step % self.eval_every == 0:
-            row = _log_row(self.trainer, self.acc / self.n_acc, state, t0)
+            row, t0 = _log_step(self.trainer, self.acc / self.n_acc, state, t0, self.source, self.eval_ids,
+                                evaluate_now=step % self.eval_every == 0 or done)
             self.acc, self.n_acc = None, 0
-            self.trainer.refresh_aux()
-            if step % self.eval_every == 0 or done:
-                t_eval = time.perf_counter()
-                v = evaluate(self.model, self.source, self.eval_ids)
-                self.model.train()
-                t0 += time.perf_counter() - t_eval  # train_seconds counts training only
-                _record_eval(state, row, v)
-            state["history"].append(row)
             self.logs.log(row)
             if self.work is not None:
                 _write_log(self.work / io.LOG_FILE, state["history"])

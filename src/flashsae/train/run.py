@@ -122,7 +122,8 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         spec, key=data_cfg.key, image_shape=data_cfg.image_shape,
         synthetic=data_cfg.synthetic_params() if isinstance(spec, str) and spec == "synthetic" else None)
     if saved is not None and source.d_in != saved["model"]["d_in"]:
-        raise DataError(f"{source.name} has {source.d_in} columns but the checkpoint was trained on {saved['model']['d_in']}")
+        raise DataError(f"{source.name} has {source.d_in} columns but the checkpoint was trained on "
+                        f"{saved['model']['d_in']}")
     data_fp = checkpoint.fingerprint(source)
     if saved is not None:
         checkpoint.check_same_data(saved, source, data_fp, resume_from)
@@ -207,7 +208,8 @@ def _prepare_rows(source, data_cfg: DataConfig, train_cfg: TrainConfig, comm, sh
                                     seed=train_cfg.seed)
     if len(train_ids) == 0:
         raise DataError(f"{source.name} has no usable rows")
-    batch_size = train_cfg.batch_size or max(comm.world_size, auto_batch_size(len(train_ids)) // comm.world_size * comm.world_size)
+    world = comm.world_size
+    batch_size = train_cfg.batch_size or max(world, auto_batch_size(len(train_ids)) // world * world)
     if batch_size % comm.world_size:
         raise ConfigError(f"batch_size {batch_size} is not a multiple of the {comm.world_size} ranks; each rank "
                           "trains on an equal share of every batch")
@@ -290,19 +292,9 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
                 done = step >= total_steps
                 at_log = step % cfg.log_every == 0 or done or step % eval_every == 0
                 if at_log:
-                    row = _log_row(trainer, comm.all_reduce_mean_(acc / n_acc), state, t0)
+                    row, t0 = _log_step(trainer, acc / n_acc, state, t0, source, eval_ids,
+                                        evaluate_now=step % eval_every == 0 or done)
                     acc, n_acc = None, 0
-                    trainer.refresh_aux()
-                    if step % eval_every == 0 or done:
-                        t_eval = time.perf_counter()
-                        v = evaluate(model, source, eval_ids)
-                        model.train()
-                        t0 += time.perf_counter() - t_eval  # train_seconds counts training only
-                        # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
-                        v["fvu_standardized"], v["l0"] = comm.broadcast_(
-                            torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
-                        _record_eval(state, row, v)
-                    state["history"].append(row)
                     if on_log is not None:
                         on_log(row)
                     if bar is not None:
@@ -342,6 +334,28 @@ def _train_loop(trainer, batches, per_epoch, total_steps, state, source, eval_id
     if not interrupted:
         state["elapsed"] = time.perf_counter() - t0
     return interrupted
+
+
+def _log_step(trainer, step_means, state: dict, t0: float, source, eval_ids, *,
+              evaluate_now: bool) -> tuple[dict, float]:
+    """A log step of one model (train() and each model of train_many): the log row from the step
+    metrics averaged since the last one (over ranks too), the AuxK switch, and at evaluation steps
+    the held-out check, whose time is taken out of the training time. Appends the row to the
+    history; returns it with the shifted start time `t0`."""
+    comm = trainer.comm
+    row = _log_row(trainer, comm.all_reduce_mean_(step_means), state, t0)
+    trainer.refresh_aux()
+    if evaluate_now:
+        t_eval = time.perf_counter()
+        v = evaluate(trainer.model, source, eval_ids)
+        trainer.model.train()
+        t0 += time.perf_counter() - t_eval  # train_seconds counts training only
+        # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
+        v["fvu_standardized"], v["l0"] = comm.broadcast_(
+            torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
+        _record_eval(state, row, v)
+    state["history"].append(row)
+    return row, t0
 
 
 def _record_eval(state: dict, row: dict, v: dict) -> None:
