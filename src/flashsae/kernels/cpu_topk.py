@@ -32,7 +32,8 @@ _SOURCE = Path(__file__).with_name("cpu_topk.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_K_FRACTION = 8
-"""Use the kernel for k <= n / MAX_K_FRACTION (and k <= MAX_K); past that torch.topk is as fast."""
+"""Use the kernel for k <= n / MAX_K_FRACTION (and k <= MAX_K): its groups need a few entries per
+selected one (measured up to n / 8: 6x torch.topk there); beyond that torch.topk runs."""
 MAX_K = 1024
 
 
@@ -43,14 +44,17 @@ def cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (the build uses -march=native)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features") and key not in found:
+                    found[key] = line.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "\n".join(found.values()) or platform.processor() or platform.machine()
 
 
 def _compiler() -> str | None:
