@@ -234,7 +234,7 @@ def open_codes(path: str | os.PathLike, d_sae: int):
         arrays = _map_stored_npz(path, ("data", "indices", "indptr", "format", "shape"))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
         arrays = None
-    if arrays is None or bytes(np.asarray(arrays["format"]).tobytes()).rstrip(b"\0") != b"csr":
+    if arrays is None or np.asarray(arrays["format"]).tobytes().rstrip(b"\0") != b"csr":
         return load_csr(path, d_sae)
     shape = tuple(int(v) for v in np.asarray(arrays["shape"]).reshape(-1))
     data, indices, indptr = arrays["data"], arrays["indices"], arrays["indptr"]

@@ -196,9 +196,25 @@ static void select_candidates(float *cv, int32_t *ci, int64_t m, int64_t k, floa
 }
 #endif
 
+/* Maxima of the contiguous groups of `depth` entries from entry `start` (group `g`) to the end of
+ * the row, the last one possibly short: the groups past the last full chunk, in both builds. */
+#define TAIL_MAX(NAME, T, LOAD)                                                                 \
+    static void NAME(const T *x, int64_t n, int64_t depth, int64_t start, int64_t g, float *gmax) { \
+        for (int64_t i = start; i < n; i += depth, g++) {                                      \
+            float m = -INFINITY;                                                               \
+            for (int64_t j = i; j < i + depth && j < n; j++) {                                 \
+                float a = key_of(LOAD(x[j]));                                                  \
+                m = a > m ? a : m;                                                             \
+            }                                                                                  \
+            gmax[g] = m;                                                                       \
+        }                                                                                      \
+    }
+TAIL_MAX(tail_max_f32, float, LOAD_F32)
+TAIL_MAX(tail_max_bf16, uint16_t, LOAD_BF16)
+
 /* One row: x (n entries) -> hi (k indices). gmax holds n_groups(n, depth) floats. */
 #ifdef __AVX512F__
-#define ROW_TOPK(NAME, T, LOAD, VLOAD)                                                          \
+#define ROW_TOPK(NAME, T, LOAD, VLOAD, TAIL)                                                    \
     static void NAME(const T *x, int64_t n, int64_t k, int64_t depth, float *gmax, float *hv,  \
                      int64_t *hi, int64_t *scratch, float *cv, int32_t *ci) {                  \
         const int64_t chunk = LANES * depth, nc = n / chunk, ng = n_groups(n, depth);          \
@@ -212,14 +228,7 @@ static void select_candidates(float *cv, int32_t *ci, int64_t m, int64_t k, floa
             }                                                                                  \
             _mm512_storeu_ps(gmax + c * LANES, m);                                             \
         }                                                                                      \
-        for (int64_t i = nc * chunk, g = nc * LANES; i < n; i += depth, g++) {                 \
-            float m = -INFINITY;                                                               \
-            for (int64_t j = i; j < i + depth && j < n; j++) {                                 \
-                float a = key_of(LOAD(x[j]));                                                  \
-                m = a > m ? a : m;                                                             \
-            }                                                                                  \
-            gmax[g] = m;                                                                       \
-        }                                                                                      \
+        TAIL(x, n, depth, nc * chunk, nc * LANES, gmax);                                       \
         const float thr = kth_select(gmax, ng, k, cv, (float *)ci);                            \
         const __m512 t = _mm512_set1_ps(thr);                                                  \
         (void)scratch;                                                                         \
@@ -252,7 +261,7 @@ static void select_candidates(float *cv, int32_t *ci, int64_t m, int64_t k, floa
         select_candidates(cv, ci, m, k, hv, hi);                                               \
     }
 #else
-#define ROW_TOPK(NAME, T, LOAD, VLOAD)                                                          \
+#define ROW_TOPK(NAME, T, LOAD, VLOAD, TAIL)                                                    \
     static void NAME(const T *x, int64_t n, int64_t k, int64_t depth, float *gmax, float *hv,  \
                      int64_t *hi, int64_t *scratch, float *cv, int32_t *ci) {                  \
         const int64_t chunk = LANES * depth, nc = n / chunk, ng = n_groups(n, depth);          \
@@ -266,14 +275,7 @@ static void select_candidates(float *cv, int32_t *ci, int64_t m, int64_t k, floa
                 }                                                                              \
             memcpy(gmax + c * LANES, m, sizeof m);                                             \
         }                                                                                      \
-        for (int64_t i = nc * chunk, g = nc * LANES; i < n; i += depth, g++) {                 \
-            float m = -INFINITY;                                                               \
-            for (int64_t j = i; j < i + depth && j < n; j++) {                                 \
-                float a = key_of(LOAD(x[j]));                                                  \
-                m = a > m ? a : m;                                                             \
-            }                                                                                  \
-            gmax[g] = m;                                                                       \
-        }                                                                                      \
+        TAIL(x, n, depth, nc * chunk, nc * LANES, gmax);                                       \
         const float thr = kth_largest(gmax, ng, k, hv, scratch);                               \
         int64_t count = 0;                                                                     \
         (void)cv;                                                                              \
@@ -298,8 +300,8 @@ static void select_candidates(float *cv, int32_t *ci, int64_t m, int64_t k, floa
     }
 #endif
 
-ROW_TOPK(row_topk_f32, float, LOAD_F32, VLOAD_F32)
-ROW_TOPK(row_topk_bf16, uint16_t, LOAD_BF16, VLOAD_BF16)
+ROW_TOPK(row_topk_f32, float, LOAD_F32, VLOAD_F32, tail_max_f32)
+ROW_TOPK(row_topk_bf16, uint16_t, LOAD_BF16, VLOAD_BF16, tail_max_bf16)
 
 typedef struct {
     const void *x;

@@ -94,9 +94,14 @@ def _library():
     return fn
 
 
+def _kernel():
+    """The compiled function, or None when it is unavailable or FLASHSAE_KERNELS=reference."""
+    return None if os.environ.get("FLASHSAE_KERNELS", "").strip().lower() == "reference" else _library()
+
+
 def available() -> bool:
     """Whether `topk` runs the compiled kernel here (else it is torch.topk)."""
-    return os.environ.get("FLASHSAE_KERNELS", "").strip().lower() != "reference" and _library() is not None
+    return _kernel() is not None
 
 
 def topk(x: Tensor, k: int, *, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -110,7 +115,7 @@ def topk(x: Tensor, k: int, *, out: tuple[Tensor, Tensor] | None = None) -> tupl
     rows, n = x.shape
     fits = (x.device.type == "cpu" and x.dtype in _DTYPES and x.stride(1) == 1 and rows > 0
             and 1 <= k <= min(n // MAX_K_FRACTION, MAX_K))
-    fn = _library() if fits and os.environ.get("FLASHSAE_KERNELS", "").strip().lower() != "reference" else None
+    fn = _kernel() if fits else None
     if fn is None:
         if out is not None:
             return torch.topk(x, k, dim=-1, sorted=False, out=out)
