@@ -45,7 +45,7 @@ def _name(cfg: dict) -> str:
 
 
 def _separate(data: str, configs: list[dict], out: Path | None) -> tuple[float, list]:
-    from flashsae.train.run import train
+    from flashsae.train.api import train
 
     t = time.perf_counter()
     trained = [train(data, out=None if out is None else out / _name(c), quiet=True, **c) for c in configs]
@@ -53,7 +53,7 @@ def _separate(data: str, configs: list[dict], out: Path | None) -> tuple[float, 
 
 
 def _one_pass(data: str, configs: list[dict], out: Path | None, workers: int | None = None) -> tuple[float, list]:
-    from flashsae.train.multi import train_many
+    from flashsae.train.api import train_many
 
     t = time.perf_counter()
     trained = train_many(data, configs, outs=None if out is None else [out / _name(c) for c in configs], quiet=True,

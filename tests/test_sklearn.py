@@ -17,7 +17,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import flashsae
 from flashsae.sklearn import SparseAutoencoder
-from flashsae.train import run as run_module
+from flashsae.train import api as run_module
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -24,10 +24,12 @@ def available() -> bool:
 def _known_options() -> set[str] | None:
     """Option names flashsae.train() accepts, or None when it cannot tell us."""
     try:
-        from flashsae.train import options
+        from flashsae import models
+        from flashsae.train import spec
     except Exception:
         return None
-    return set(options.ALIASES) | options.DATA_FIELDS | options.TRAIN_FIELDS | set(options.all_model_fields())
+    fields = {name for arch in models.names() for name in spec.model_fields(arch)}
+    return set(spec.ALIASES) | spec.DATA_FIELDS | spec.TRAIN_FIELDS | spec.STREAM_FIELDS | fields
 
 
 def _train(spec: BenchSpec, settings: str, X: torch.Tensor, n_rows: int):

@@ -10,8 +10,8 @@ from flashsae.errors import ArtifactError, ConfigError, DataError, FlashSAEError
 from flashsae.io import load  # noqa: E402
 from flashsae.models import ForwardOutput, SparseCodes, build, names  # noqa: E402
 from flashsae.models import SparseAutoencoder as SAEModule  # noqa: E402
-from flashsae.train.run import TrainResult, train  # noqa: E402
-from flashsae.train.multi import train_many  # noqa: E402
+from flashsae import train  # noqa: E402  (the subpackage; calling it calls train.api.train)
+from flashsae.train import TrainResult, train_many  # noqa: E402
 
 __all__ = ["train", "train_many", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes",
            "ForwardOutput", "TrainResult", "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]

@@ -1,7 +1,7 @@
 """`SparseAutoencoder`: the scikit-learn estimator facade over the flashsae engine.
 
-`fit` is one call of `flashsae.train.run.train`; `partial_fit` runs more optimizer steps of the
-same Trainer on each new block of rows; `transform` encodes with the trained encoder or with
+`fit` is one call of `flashsae.train.api.train` (the same run the CLI makes); `partial_fit` drives
+one `TrainingRun` through the same loop, extended by a number of steps for each new block of rows; `transform` encodes with the trained encoder or with
 orthogonal matching pursuit (`flashsae.omp`) over the learned decoder atoms. The estimator only
 translates parameters and arrays: it holds no training logic of its own. Imports `train`,
 `models`, `preprocess`, `data` and `omp`; nothing imports this module except `flashsae.__init__`.
@@ -172,14 +172,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         X = _validate_data(self, X, reset=True, dtype=_DTYPES)
         self._check_transform_params()
-        from flashsae.train.run import train
+        from flashsae.train.api import train
 
         options = self._train_options(*X.shape, self._seed())
         with _forked_rng(self.device):
             model, result = train(np.asarray(X, dtype=np.float32), quiet=not self.verbose, **options)
         self.model_ = model
         self.result_ = result
-        self._trainer = self._train_cfg = None
+        self._run = None
         return self
 
     def partial_fit(self, X, y=None):
@@ -205,10 +205,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         X = np.asarray(X, dtype=np.float32)
         if first:
             self._check_transform_params()
-            self._start_partial(X)
-        if getattr(self, "_trainer", None) is None:
-            self._trainer = self._make_trainer(X)
-        self._run_steps(X)
+        with _forked_rng(self.device):
+            self._partial_steps(X)
         return self
 
     # ---- transforming ----------------------------------------------------------------------
@@ -310,7 +308,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def __getstate__(self):
         state = super().__getstate__()
         # The optimizer is rebuilt by the next partial_fit; a pickle holds the model only.
-        state.pop("_trainer", None)
+        state.pop("_run", None)
         return state
 
     # ---- internals ---------------------------------------------------------------------------
@@ -322,7 +320,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _train_options(self, n_rows: int, n_features: int, seed: int) -> dict:
         """Keyword options of `train()`: only those set, and only those the architecture has."""
         from flashsae.train.options import model_fields
-        from flashsae.train.run import auto_batch_size
+        from flashsae.train.prepare import auto_batch_size
 
         relevant = model_fields(self.architecture)  # also validates the name
         options = {"architecture": self.architecture, "standardize": self.standardize,
@@ -381,83 +379,54 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         codes = values.new_zeros((x.shape[0], model.d_sae))
         return codes.scatter_(1, indices, values / norms[indices])
 
-    def _start_partial(self, X: np.ndarray) -> None:
-        """First partial_fit: build the model and fit the standardisation on X."""
-        from flashsae import models
-        from flashsae.config import DataConfig, TrainConfig
-        from flashsae.data import open_source
-        from flashsae.preprocess import Standardizer, scan
-        from flashsae.train.options import make_model_config, split_options
-        from flashsae.train.run import init_b_dec, resolve_device
+    def _partial_steps(self, X: np.ndarray) -> None:
+        """One partial_fit: `epochs` passes (default one) over X by the estimator's TrainingRun.
 
-        seed = self._seed()
-        architecture, data_opts, train_opts, model_opts = split_options(self._train_options(*X.shape, seed))
-        data_cfg = DataConfig(**{**data_opts, "data": "<array>"})
-        train_cfg = TrainConfig(**train_opts)
-        source = open_source(X)
-        model_cfg = make_model_config(architecture, model_opts, source.d_in)
-        device = resolve_device(train_cfg.device)
-        standardizer = Standardizer.from_scan(scan(source), data_cfg.standardize)
-        with _forked_rng(train_cfg.device):
-            torch.manual_seed(seed)
-            model = models.get(architecture)(model_cfg, standardizer).to(device)
-            init_b_dec(model, source, np.arange(source.n_rows), seed)
-        self.model_ = model
-        self._train_cfg = train_cfg
-        self._trainer = None
-        self.result_ = _empty_result()
+        The first call (or the first after `fit`) builds the run on X: the standardisation is
+        fitted on X, or taken from the model `fit` trained, whose weights the run continues. The
+        learning rate and sparsity weight are constant: the number of future calls is unknown.
+        """
+        import dataclasses as dc
 
-    def _make_trainer(self, X: np.ndarray):
-        from flashsae.config import TrainConfig
-        from flashsae.train.options import split_options
-        from flashsae.train.trainer import Trainer
+        from flashsae.train.loop import run_pass
+        from flashsae.train.prepare import DataPass, plan_threads
+        from flashsae.train.spec import RunSpec
+        from flashsae.train.training_run import TrainingRun, TrainResult
 
-        cfg = getattr(self, "_train_cfg", None)
-        if cfg is None:  # continuing a model trained by fit()
-            cfg = TrainConfig(**split_options(self._train_options(*X.shape, self._seed()))[2])
-        # Constant learning rate and full sparsity weight: the number of future calls is unknown.
-        cfg = dataclasses.replace(cfg, lr_warmup=0.0, lr_decay="none", sparsity_warmup=0.0)
-        self._train_cfg = cfg
-        return Trainer(self.model_, cfg, total_steps=1,
-                       dead_after_rows=max(cfg.batch_size, min(10_000_000, 10 * X.shape[0])))
-
-    def _run_steps(self, X: np.ndarray) -> None:
-        from flashsae.train.run import auto_batch_size
-
-        trainer, model = self._trainer, self.model_
-        device = model.W_dec.device
-        batch = min(self.batch_size or auto_batch_size(X.shape[0]), X.shape[0])
-        passes = self.epochs if self.epochs is not None else 1
-        n_steps = max(1, int(passes * X.shape[0]) // batch)
+        run = getattr(self, "_run", None)
+        options = self._train_options(*X.shape, self._seed() if run is None else run.spec.train.seed)
+        options.update(val_fraction=0.0, lr_warmup=0.0, lr_decay="none", sparsity_warmup=0.0,
+                       epochs=self.epochs if self.epochs is not None else 1)
+        spec = RunSpec.from_options(X, options)
+        fitted = getattr(self, "model_", None)
+        standardizers = {"x": (run.model if run is not None else fitted).standardizer} \
+            if run is not None or fitted is not None else None
+        dpass = DataPass.open(X, spec, standardizers=standardizers, show=False)
+        if run is None:
+            run = TrainingRun(spec, dpass, threads=plan_threads([spec], dpass, None)[0])
+            if fitted is not None:  # continue the model fit() trained
+                run.model.load_state_dict(fitted.state_dict())
+            previous = getattr(self, "result_", None)
+            self._before = (0.0, 0, 0) if previous is None else (previous.train_seconds, previous.rows_seen,
+                                                                 previous.steps)
+        else:
+            run.dpass, run.spec = dpass, dc.replace(run.spec, train=dc.replace(run.spec.train,
+                                                                               batch_size=spec.train.batch_size))
+        n_steps = max(1, int(options["epochs"] * len(dpass.train_ids)) // dpass.batch_size)
+        run.extend(n_steps)
+        run.model.train()
+        run_pass([run], dpass.batches(), show=self.verbose)
+        run.finish(evaluate_final=False)
+        self._run, self.model_ = run, run.model
         # Held-out metrics of an earlier fit no longer describe the model once it trains on.
-        result = dataclasses.replace(self.result_, metrics={})
-        rng = np.random.default_rng([self._train_cfg.seed, result.steps])
-        order = np.concatenate([rng.permutation(X.shape[0]) for _ in range(-(-n_steps * batch // X.shape[0]))])
-        model.train()
-        trainer.refresh_aux()
-        t0 = time.perf_counter()
-        for i in range(n_steps):
-            rows = X[order[i * batch:(i + 1) * batch]]
-            trainer.step(model.standardizer(torch.from_numpy(rows).to(device)))
-            if (i + 1) % self._train_cfg.log_every == 0:
-                trainer.refresh_aux()
-        model.eval()
-        result.train_seconds += time.perf_counter() - t0
-        result.rows_seen += n_steps * batch
-        result.steps += n_steps
-        self.result_ = result
+        s, (secs, rows, steps) = run.state, self._before
+        self.result_ = TrainResult({}, secs + s.elapsed, rows + s.rows_seen, steps + s.step, None, s.history)
 
 
 def _field_default(architecture: str, name: str):
     from flashsae import models
 
     return {f.name: f.default for f in dataclasses.fields(models.get(architecture).config_cls)}[name]
-
-
-def _empty_result():
-    from flashsae.train.run import TrainResult
-
-    return TrainResult(metrics={}, train_seconds=0.0, rows_seen=0, steps=0, run_dir=None)
 
 
 def _as_tensor(X: np.ndarray, device=None) -> torch.Tensor:
@@ -470,7 +439,7 @@ def _as_tensor(X: np.ndarray, device=None) -> torch.Tensor:
 @contextlib.contextmanager
 def _forked_rng(device: str):
     """Run training without disturbing the caller's global torch random state."""
-    from flashsae.train.run import resolve_device
+    from flashsae.train.prepare import resolve_device
 
     dev = resolve_device(str(device))
     devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []

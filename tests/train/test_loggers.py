@@ -11,7 +11,7 @@ import flashsae
 from flashsae import ConfigError, io
 from flashsae.cli import main
 from flashsae.train import loggers
-from flashsae.train.run import Interrupted
+from flashsae.errors import Interrupted
 
 TRAIN = dict(quiet=True, rows=2048, batch_size=64, latents=32, k=4, log_every=1)
 

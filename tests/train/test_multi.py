@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flashsae import ConfigError, io
-from flashsae.train.multi import _workers, train_many
-from flashsae.train.run import train
+from flashsae.train import loop, prepare
+from flashsae.train.api import train, train_many
 from flashsae.train.sweep import expand_grid, read_table, run_grid
 
 SMALL = {"rows": 3200, "batch_size": 64, "log_every": 7, "device": "cpu"}  # small steps: one thread each
@@ -39,10 +39,9 @@ def _csv_rows(path):
 
 
 def test_models_trained_together_equal_models_trained_alone(monkeypatch):
-    from flashsae.train import multi
-
+    real = loop._workers
     workers = []
-    monkeypatch.setattr(multi, "_workers", lambda *a: workers.append(_workers(*a)) or workers[-1])
+    monkeypatch.setattr(loop, "_workers", lambda *a: workers.append(real(*a)) or workers[-1])
     configs = [
         {"k": 2, "d_sae": 32, **SMALL},
         {"k": 4, "d_sae": 48, "lr": 3e-3, **SMALL},
@@ -64,17 +63,15 @@ def test_models_trained_together_equal_models_trained_alone(monkeypatch):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="side by side needs two cores")
 def test_mid_sized_models_step_side_by_side_on_one_thread_each(monkeypatch):
-    from flashsae.train import multi
-    from flashsae.train.run import _cpu_threads
-
+    real = loop._workers
     workers = []
-    monkeypatch.setattr(multi, "_workers", lambda *a: workers.append(_workers(*a)) or workers[-1])
+    monkeypatch.setattr(loop, "_workers", lambda *a: workers.append(real(*a)) or workers[-1])
     x = np.random.default_rng(0).normal(size=(9000, 64)).astype(np.float32)
     opts = {"rows": 3 * 4096, "batch_size": 4096, "device": "cpu", "eval_every": 0}
     configs = [{"k": 4, "d_sae": 600, **opts}, {"k": 8, "d_sae": 520, **opts}]
     macs = 4096 * 64 * 600
-    assert 2**27 < macs < multi.SIDE_BY_SIDE_MACS  # train() alone would use every thread
-    assert _cpu_threads(multi.TrainConfig(), torch.device("cpu"), macs) != 1
+    assert 2**27 < macs < prepare.SIDE_BY_SIDE_MACS  # train() alone would use every thread
+    assert prepare.cpu_threads(None, torch.device("cpu"), macs) != 1
     together = train_many(x, configs, quiet=True)
     assert workers == [2]
     for cfg, (model, result) in zip(configs, together):
@@ -173,19 +170,20 @@ def test_live_curves_follow_the_clock_a_pass_gives_each_model(tmp_path, monkeypa
 
 
 def test_an_interrupted_pass_leaves_checkpoints_that_resume_alone(tmp_path, monkeypatch):
-    from flashsae.train import multi
-    from flashsae.train.run import Interrupted
+    from flashsae.errors import Interrupted
+    from flashsae.train.training_run import TrainingRun
 
     stops = []
-    monkeypatch.setattr(multi, "_install_signal_handlers", lambda stop: stops.append(stop) or {})
-    after_step = multi._Run.after_step
+    monkeypatch.setattr(loop, "_install_signal_handlers", lambda stop: stops.append(stop) or {})
+    after_step = TrainingRun.after_step
 
-    def signal_at_step_10(self, n_rows, train_s):
-        after_step(self, n_rows, train_s)
-        if self.state["step"] == 10:
+    def signal_at_step_10(self, n_rows):
+        out = after_step(self, n_rows)
+        if self.state.step == 10:
             stops[0]["signal"] = "SIGTERM"  # as the handler would on `kill`
+        return out
 
-    monkeypatch.setattr(multi._Run, "after_step", signal_at_step_10)
+    monkeypatch.setattr(TrainingRun, "after_step", signal_at_step_10)
     configs = [{"k": 2, "d_sae": 32, **SMALL}, {"k": 4, "d_sae": 32, **SMALL, "rows": 320}]
     with pytest.raises(Interrupted, match="by SIGTERM at step 10; each unfinished model left a checkpoint"):
         train_many("digits", configs, outs=[tmp_path / "a", tmp_path / "b"], quiet=True)

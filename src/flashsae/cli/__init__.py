@@ -40,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flashsae.errors import FlashSAEError
+    from flashsae.errors import FlashSAEError, Interrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
+    except Interrupted as e:  # a checkpoint was written; the message says how to continue
+        print(f"flashsae: {e}", file=sys.stderr)
+        return e.exit_code
     except FlashSAEError as e:
         print(f"flashsae: error: {e}", file=sys.stderr)
         return 2

@@ -69,22 +69,16 @@ def add_option_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from flashsae import distributed
     from flashsae.cli.common import format_metrics, print_json
-    from flashsae.train.run import Interrupted, train
+    from flashsae.train.api import train
 
     skip = {"data", "out", "overwrite", "resume", "quiet", "json", "tensorboard", "wandb", "dist_timeout", "command",
             "_module", "stop_after_steps"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
-    try:
-        _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
-                          quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,
-                          dist_timeout=args.dist_timeout, stop_after_steps=args.stop_after_steps, **options)
-    except Interrupted as e:
-        print(f"flashsae: {e}", file=sys.stderr)
-        return 128 + e.signum if e.signum else 1
+    _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
+                      quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,
+                      dist_timeout=args.dist_timeout, stop_after_steps=args.stop_after_steps, **options)
     if not distributed.is_main():
         return 0
     if result.interrupted:

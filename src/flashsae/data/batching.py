@@ -4,6 +4,9 @@ Shuffling reads whole blocks of sorted row ids (near-sequential file access) and
 a window of one block plus the rows left over from the previous block. The plan (which rows form
 which batch) is computed on row ids alone, so it is a pure function of (seed, epoch) and a resume
 can skip batches without reading their data. A background thread reads ahead.
+`BatchIterator` plans one stream; `RowBatches` serves several named streams of the same rows
+(`x`, `y`, ...) as one BatchSource, the protocol the training loop reads: `batches_per_epoch()`
+and `epoch(epoch, start_batch)` yielding {stream: batch}.
 Imports only `errors`; never imports preprocess, models, trainer or cli.
 """
 from __future__ import annotations
@@ -198,3 +201,43 @@ def _gather(carry: np.ndarray, block: np.ndarray, idx: np.ndarray) -> np.ndarray
     else:
         np.take(block, idx - n_carry, axis=0, out=out)
     return out
+
+
+class RowBatches:
+    """The BatchSource of Sources held in memory or in files: batches are {stream: (batch, d) array}.
+
+    Every named stream (`x`, and `y` for a model that maps one activation to another) is a Source
+    with the same rows; each gets a `BatchIterator` with the same ids and seed, so the plans are
+    identical and row i of every stream's batch comes from the same data row.
+    """
+
+    def __init__(self, streams: dict, row_ids: np.ndarray, batch_size: int, *, seed: int,
+                 shard: tuple[int, int] = (0, 1), **options):
+        self.iterators = {name: BatchIterator(src, row_ids, batch_size, seed=seed, shard=shard, **options)
+                          for name, src in streams.items()}
+
+    def batches_per_epoch(self) -> int:
+        return next(iter(self.iterators.values())).batches_per_epoch()
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        epochs = {name: it.epoch(epoch, start_batch) for name, it in self.iterators.items()}
+        try:
+            for parts in zip(*epochs.values()):
+                yield dict(zip(epochs, parts))
+        finally:
+            for gen in epochs.values():
+                gen.close()  # stops each reader thread
+
+
+class NamedBatches:
+    """A BatchSource of plain arrays (one stream) as {name: array} batches."""
+
+    def __init__(self, inner, name: str = "x"):
+        self.inner, self.name = inner, name
+
+    def batches_per_epoch(self) -> int:
+        return self.inner.batches_per_epoch()
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        for batch in self.inner.epoch(epoch, start_batch):
+            yield {self.name: batch}

@@ -22,10 +22,12 @@ RING = 3
 """Pinned buffers in rotation: one being filled, one in flight, one in use by the step."""
 
 
-def to_device(batches: Iterable[np.ndarray], device: torch.device, *, pinned: bool | None = None) -> Iterator[Tensor]:
-    """Yield each batch as a float32 tensor on `device`, in order.
+def to_device(batches: Iterable, device: torch.device, *, pinned: bool | None = None) -> Iterator:
+    """Yield each batch as float32 tensors on `device`, in order.
 
-    `pinned`: stage through page-locked buffers on a side stream (default: when `device` is CUDA).
+    A batch is one numpy array, or a dict of named arrays ({"x": ..., "y": ...}), which comes back
+    as a dict of tensors. `pinned`: stage through page-locked buffers on a side stream (default:
+    when `device` is CUDA).
     """
     device = torch.device(device)
     if pinned is None:
@@ -34,22 +36,42 @@ def to_device(batches: Iterable[np.ndarray], device: torch.device, *, pinned: bo
     try:
         if not pinned:
             for batch in it:
-                yield torch.from_numpy(_writable(batch)).to(device)
+                yield _map(batch, lambda a: torch.from_numpy(_writable(a)).to(device))
             return
-        feeder = _PinnedFeeder(device)
+        feeders: dict = {}  # one ring of buffers per stream name (None: plain array batches)
+
+        def feeder(name) -> _PinnedFeeder:
+            if name not in feeders:
+                feeders[name] = _PinnedFeeder(device)
+            return feeders[name]
+
+        def send(batch):
+            if isinstance(batch, dict):
+                return {k: feeder(k).send(v) for k, v in batch.items()}
+            return feeder(None).send(batch)
+
+        def receive(pending):
+            if isinstance(pending, dict):
+                return {k: feeders[k].receive(v) for k, v in pending.items()}
+            return feeders[None].receive(pending)
+
         first = next(it, None)
         if first is None:
             return
-        pending = feeder.send(first)  # the next batch's copy is started before this one is handed out
+        pending = send(first)  # the next batch's copy is started before this one is handed out
         for batch in it:
-            following = feeder.send(batch)
-            yield feeder.receive(pending)
+            following = send(batch)
+            yield receive(pending)
             pending = following
-        yield feeder.receive(pending)
+        yield receive(pending)
     finally:
         close = getattr(it, "close", None)
         if close is not None:
             close()  # stop the reader thread of a generator left early
+
+
+def _map(batch, fn):
+    return {k: fn(v) for k, v in batch.items()} if isinstance(batch, dict) else fn(batch)
 
 
 def _writable(batch: np.ndarray) -> np.ndarray:

@@ -80,6 +80,10 @@ class SparseAutoencoder(nn.Module):
     architecture = "base"
     config_cls: type[ModelConfig] = ModelConfig
     k_limited = False     # at most k latents fire per row (top-k family)
+    # The named streams of a batch the model reads (`inputs`) and reconstructs (`targets`): an SAE
+    # reads and reconstructs x; a model that maps one activation to another reads x and writes y.
+    inputs: tuple[str, ...] = ("x",)
+    targets: tuple[str, ...] = ("x",)
 
     def __init__(self, cfg: ModelConfig, standardizer: Standardizer | None = None):
         super().__init__()

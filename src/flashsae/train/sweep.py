@@ -3,8 +3,8 @@
 The grid and the artifacts (names, OUT/<name> run directories, sweep.csv, tradeoff.png) are kept
 apart from how the models are trained: `run_grid` hands the points to `train_each`, which trains
 them together on one data pass with `train_many` (points that read the data differently get a pass
-each), or one after another with `train()` when asked to. Imports train.run, train.multi,
-train.options, io and viz (lazily).
+each), or one after another with `train()` when asked to. Imports train.api, train.spec,
+io and viz (lazily).
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from flashsae import distributed, io
-from flashsae.config import DataConfig, TrainConfig
 from flashsae.errors import ConfigError
-from flashsae.train.options import ALIASES, split_options
+from flashsae.train.spec import ALIASES, RunSpec
 
 METRIC_COLUMNS = ("fvu", "fvu_standardized", "mse", "l0", "dead_fraction", "dense_fraction", "rows_per_s",
                   "train_seconds")
@@ -86,9 +85,7 @@ def validate_grid(grid: list[dict]) -> None:
     if not grid:
         raise ConfigError("the grid is empty")
     for point in grid:
-        _, data_opts, train_opts, _ = split_options(point)
-        DataConfig(**data_opts)
-        TrainConfig(**train_opts)
+        RunSpec.from_options(None, point)
 
 
 def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: bool = False,
@@ -168,13 +165,11 @@ def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool,
     One data pass for all of them (`train_many`) unless `separate` (or W&B logging of several
     models) asks for one `train()` after another.
     """
-    from flashsae.train.run import train
+    from flashsae.train.api import train, train_many
 
     if not grid:
         return []
     if not separate and not (wandb and len(grid) > 1):
-        from flashsae.train.multi import train_many
-
         if not quiet:
             print(f"training {len(grid)} models on one data pass: {', '.join(d.name for d in run_dirs)}", flush=True)
         trained = train_many(data, grid, outs=run_dirs, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -24,7 +25,7 @@ class StepMetrics(NamedTuple):
 class Trainer:
     """Owns the model's optimizer, schedules and dead-latent counters.
 
-    `step(x)` takes a standardised batch already on the device and returns device tensors; reading
+    `step(batch)` takes a standardised batch already on the device and returns device tensors; reading
     them (and deciding whether AuxK is needed) is left to the caller every `log_every` steps.
 
     Data parallel: `x` is this rank's share of the global batch and `comm` averages the gradients
@@ -63,8 +64,16 @@ class Trainer:
         """Host-side decision (one sync) whether AuxK runs until the next refresh."""
         self.use_aux = self.auxk_coef > 0 and bool(self.dead_mask().any())
 
-    def step(self, x: Tensor) -> StepMetrics:
+    def step(self, batch: Mapping[str, Tensor] | Tensor) -> StepMetrics:
+        """One update on a standardised batch: {stream: (batch, d)} (or the `x` tensor alone).
+
+        The model reads the streams named by its `inputs` and reconstructs its first `targets` one.
+        """
         model, opt = self.model, self.optimizer
+        if isinstance(batch, Tensor):
+            batch = {"x": batch}
+        x = batch[model.inputs[0]]
+        target = batch[model.targets[0]]
         lr = self.base_lr * lr_factor(self.step_idx, self.total_steps, self.cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -72,8 +81,8 @@ class Trainer:
         with self._autocast():
             out = model(x, aux_mask=aux_mask)
         x_hat = out.x_hat.float()
-        diff = x_hat - x
-        mse = _SumOfSquares.apply(diff) / x.shape[0]  # mean over rows of ||x_hat - x||^2
+        diff = x_hat - target
+        mse = _SumOfSquares.apply(diff) / x.shape[0]  # mean over rows of ||x_hat - target||^2
         loss = mse + sparsity_factor(self.step_idx, self.total_steps, self.cfg) * out.penalty.float()
         aux_loss = mse.new_zeros(())
         if out.aux is not None:
@@ -94,7 +103,7 @@ class Trainer:
         self._update_fired(out.codes, x.shape[0])
         self.step_idx += 1
         with torch.no_grad():
-            var = (x - x.mean(0)).pow(2).sum(-1).mean()
+            var = (target - target.mean(0)).pow(2).sum(-1).mean()
         return StepMetrics(loss.detach(), mse.detach(), var, _l0(out.codes), aux_loss.detach())
 
     @torch.no_grad()

@@ -1,0 +1,87 @@
+"""The run directory's schema: what config.json holds, and everything a finished run writes.
+
+`run_config` is the one definition of config.json (training writes it, `flashsae import` writes
+the same keys for an imported model); `write_run` writes a finished model's directory; `write_log`
+the CSV log that training rewrites at every log step. Imports io and config; viz lazily.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from flashsae import io
+from flashsae.config import to_dict
+
+LOG_COLUMNS = ("step", "rows_seen", "loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr",
+               "val_fvu", "val_l0", "elapsed_s")
+
+
+def library_version() -> str:
+    from flashsae import __version__
+
+    return __version__
+
+
+def run_config(architecture: str, model_cfg, *, train=None, data=None, preprocess: dict | None = None,
+               data_stats: dict | None = None, resolved: dict | None = None, **extra) -> dict:
+    """config.json: exactly what ran (configs as dicts), the data's statistics and the resolved defaults.
+
+    `train` and `data` are TrainConfig / DataConfig instances or plain dicts; `extra` adds
+    top-level keys (an imported model's provenance).
+    """
+    def as_dict(cfg):
+        return cfg if cfg is None or isinstance(cfg, dict) else to_dict(cfg)
+
+    return {
+        "format_version": io.FORMAT_VERSION,
+        "library": "flashsae",
+        "library_version": library_version(),
+        "architecture": architecture,
+        "model": model_cfg if isinstance(model_cfg, dict) else model_cfg.to_dict(),
+        "train": as_dict(train),
+        "data": as_dict(data),
+        "preprocess": preprocess or {"mode": "none"},
+        "data_stats": data_stats or {},
+        "resolved": resolved or {},
+        **extra,
+    }
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    """train_log.csv from the log rows so far (rewritten whole: a resume drops rows after its checkpoint)."""
+    lines = [",".join(LOG_COLUMNS)]
+    for row in history:
+        lines.append(",".join(_fmt(row.get(c, "")) for c in LOG_COLUMNS))
+    with io.atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def write_run(work: Path, out, model, config: dict, metrics: dict, history: list[dict], source,
+              sample_ids: np.ndarray | None = None) -> Path:
+    """Write a trained model's files into `work` (model, metrics, log, pictures), then move it to `out`."""
+    io.save_model(work, model, config)
+    io.write_json(work / io.METRICS_FILE, metrics)
+    write_log(work / io.LOG_FILE, history)
+    from flashsae.viz import plots
+
+    plots.training_curves(history, work / io.CURVES_FILE)
+    if source.image_shape is not None:
+        plots.atom_atlas(model.atoms().cpu().numpy(), tuple(source.image_shape), work / io.ATLAS_FILE)
+        if sample_ids is not None and len(sample_ids):
+            plots.reconstructions(model, source.take(np.asarray(sample_ids[:6])), tuple(source.image_shape),
+                                  work / io.RECONSTRUCTIONS_FILE)
+    return io.finalize(work, out)
+
+
+def print_summary(metrics: dict, run_dir) -> None:
+    """The one line a finished run prints: held-out FVU, L0, dead share, speed, where it was written."""
+    parts = [f"FVU {metrics['fvu']:.4f}", f"L0 {metrics['l0']:.2f}", f"dead {100 * metrics['dead_fraction']:.1f}%"]
+    if "recovery" in metrics:
+        parts.append(f"recovery {metrics['recovery']:.3f}")
+    parts.append(f"{metrics['rows_per_s']:,.0f} rows/s")
+    print(f"{metrics['evaluated_on']}: " + ", ".join(parts) + (f" -> {run_dir}" if run_dir else ""))

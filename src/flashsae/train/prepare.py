@@ -1,0 +1,302 @@
+"""`DataPass`: everything done once per pass over the data, shared by every model trained on it.
+
+Opening a pass opens the data (one Source per named stream: `x`, and `y` for a model that maps one
+activation to another), fingerprints it, scans it once (statistics and non-finite rows), splits
+the rows into training and held-out ids, resolves the batch size and the device, and fits one
+standardiser per stream on the training rows. `batches()` then gives the pass's `BatchSource`:
+dictionaries of named tensors on the device, whatever the data came from (arrays, files, shard
+directories, a model read on the fly). The per-model pieces of setup (CPU threads, the initial
+`b_dec`) live here too, so the training run has no setup of its own.
+
+Imports data, preprocess, distributed, the on-the-fly stream and errors; never the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashsae import distributed
+from flashsae.data import open_source, split_rows
+from flashsae.data.batching import NamedBatches, RowBatches
+from flashsae.data.device import to_device
+from flashsae.errors import ConfigError, DataError
+from flashsae.preprocess import Scan, Standardizer, require_finite, scan
+from flashsae.train import checkpoint
+from flashsae.train.spec import RunSpec
+
+EVAL_ROWS = 4096
+"""Held-out rows of the evaluations during training (the final evaluation reads every held-out row)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch.device; ConfigError when it cannot be used."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def auto_batch_size(n_train: int) -> int:
+    """The default rows per step: 4096, halved (down to 16) until there are at least 8 steps per epoch."""
+    b = 4096
+    while b > 16 and b * 8 > n_train:
+        b //= 2
+    return b
+
+
+DEFAULT_THREADS = torch.get_num_threads()
+"""PyTorch's own thread count, read before any run changes it."""
+
+
+def cpu_threads(threads: int | None, device: torch.device, macs_per_step: int) -> int | None:
+    """Threads for PyTorch's CPU kernels: the configured number, 1 for small steps, else PyTorch's default.
+
+    A step of a small SAE is ~100 short kernels; with several OpenMP threads each one waits for the
+    slowest worker to wake up, which costs more than the work itself (measured here on 2 cores: a
+    d=32, 128-latent step ran 27x faster on one thread than on two under load).
+    """
+    if threads is not None:
+        return threads
+    if device.type == "cpu" and macs_per_step < 2**27:
+        return 1
+    return DEFAULT_THREADS if device.type == "cpu" else None
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Rows:
+    """Sources read from memory or files: every stream is a Source with the same rows."""
+
+    def __init__(self, streams: dict):
+        self.streams = streams
+
+    def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int]):
+        return RowBatches(self.streams, train_ids, batch_size, seed=seed, shard=shard)
+
+    def describe(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class _OnTheFly:
+    """A model read on the fly: `x` is its first buffer for the statistics, batches come from the capture."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.streams = {"x": stream.source}
+
+    def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int]):
+        return NamedBatches(self.stream.batches(train_ids, batch_size, seed=seed), "x")
+
+    def describe(self) -> dict:
+        return {"activations": self.stream.describe()}
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def open_data(data, spec: RunSpec, *, comm: distributed.Comm, resume: bool, show: bool):
+    """The pass's data: `_Rows` over one Source per stream, or `_OnTheFly` when `spec.stream` is set."""
+    if spec.stream is not None:
+        from flashsae.data.stream import open_stream
+
+        return _OnTheFly(open_stream(spec.stream, device=spec.train.device, world_size=comm.world_size,
+                                     resume=resume, progress=show))
+    dc = spec.data
+    given = data if data is not None and not isinstance(data, (str, Path)) else dc.data
+    named = dict(given) if isinstance(given, Mapping) else {"x": given}
+    if "x" not in named:
+        raise DataError(f"named streams must include 'x'; got {', '.join(map(str, named))}")
+    streams = {}
+    for name, value in named.items():
+        is_synthetic = isinstance(value, str) and value == "synthetic"
+        streams[name] = open_source(value, key=dc.key, image_shape=dc.image_shape if name == "x" else None,
+                                    synthetic=dc.synthetic_params() if is_synthetic else None)
+    rows = {s.n_rows for s in streams.values()}
+    if len(rows) > 1:
+        raise DataError("streams " + ", ".join(f"{n} ({s.n_rows} rows)" for n, s in streams.items())
+                        + " must have the same number of rows")
+    return _Rows(streams)
+
+
+@dataclass
+class DataPass:
+    """The data side of training, computed once and shared by every model of the pass."""
+
+    data: object                       # _Rows or _OnTheFly
+    comm: distributed.Comm
+    device: torch.device
+    stats: Scan                        # scan of stream x, all rows
+    train_ids: np.ndarray              # int64 training row ids
+    val_ids: np.ndarray                # int64 held-out row ids (may be empty)
+    batch_size: int                    # rows per optimizer step, over all ranks
+    standardizers: dict[str, Standardizer]   # one per stream, fitted on the training rows
+    fingerprint: str
+    seed: int
+    _b_dec: dict = field(default_factory=dict)  # initial b_dec by (threads, inputs): computed once
+
+    @classmethod
+    def open(cls, data, spec: RunSpec, *, comm: distributed.Comm = distributed.LOCAL, resume: bool = False,
+             show: bool = False, standardizers: dict | None = None) -> DataPass:
+        """Open, scan, split and standardise `data` as `spec` says; raises the user errors bad data causes.
+
+        `standardizers` (one per stream) are used as they are instead of being fitted: more rows for
+        a model that already has its standardisation (the estimator's later `partial_fit` calls).
+        """
+        opened = open_data(data, spec, comm=comm, resume=resume, show=show)
+        try:
+            return cls._prepare(opened, spec, comm, show, standardizers)
+        except BaseException:
+            opened.close()
+            raise
+
+    @classmethod
+    def _prepare(cls, opened, spec: RunSpec, comm, show: bool, standardizers: dict | None) -> DataPass:
+        source = opened.streams["x"]
+        fp = checkpoint.fingerprint(source)
+        comm.check_same("data", checkpoint.describe(source, fp))
+        scans = {name: scan(s, progress=show) for name, s in opened.streams.items()}
+        for name, s in scans.items():
+            require_finite(s, opened.streams[name], drop_nonfinite=spec.data.drop_nonfinite)
+        bad = np.unique(np.concatenate([s.nonfinite_rows for s in scans.values()]))
+        train_ids, val_ids = split_rows(source.n_rows, bad, val_fraction=spec.data.val_fraction, seed=spec.train.seed)
+        if len(train_ids) == 0:
+            raise DataError(f"{source.name} has no usable rows")
+        world = comm.world_size
+        batch_size = spec.train.batch_size or max(world, auto_batch_size(len(train_ids)) // world * world)
+        if batch_size % world:
+            raise ConfigError(f"batch_size {batch_size} is not a multiple of the {world} ranks; each rank "
+                              "trains on an equal share of every batch")
+        if batch_size > len(train_ids):
+            raise DataError(f"{source.name} has {len(train_ids)} training rows, fewer than one batch of {batch_size}")
+        if standardizers is None:
+            standardizers = {name: Standardizer.from_scan(_without(s, opened.streams[name], val_ids),
+                                                          spec.data.standardize) for name, s in scans.items()}
+        device = comm.device(resolve_device(spec.train.device))
+        return cls(opened, comm, device, scans["x"], train_ids, val_ids, batch_size, standardizers, fp,
+                   spec.train.seed)
+
+    # ---- what the runs read ---------------------------------------------------------------
+    @property
+    def source(self):
+        """The rows of stream x: statistics, evaluation, pictures."""
+        return self.data.streams["x"]
+
+    @property
+    def d_in(self) -> int:
+        return self.source.d_in
+
+    def eval_ids(self) -> np.ndarray:
+        """Rows of the evaluations during training: held-out rows, or training rows when none are held out."""
+        return self.val_ids[:EVAL_ROWS] if len(self.val_ids) else self.train_ids[:EVAL_ROWS]
+
+    def final_ids(self) -> np.ndarray:
+        """Rows of the final evaluation (held out, else up to 50,000 training rows)."""
+        return self.val_ids if len(self.val_ids) else self.train_ids[:50_000]
+
+    def batches(self):
+        """The pass's BatchSource: `epoch(e, start_batch)` yields {stream: tensor} on the device, standardised."""
+        inner = self.data.batches(self.train_ids, self.batch_size, seed=self.seed,
+                                  shard=(self.comm.rank, self.comm.world_size))
+        return _Standardised(inner, self.device, {n: s.to(self.device) for n, s in self.standardizers.items()})
+
+    def data_stats(self) -> dict:
+        """config.json's data_stats: what was read and how it was split."""
+        src, stats = self.source, self.stats
+        out = {"source": src.name, "n_rows": src.n_rows, "d_in": src.d_in,
+               "n_train": int(len(self.train_ids)), "n_val": int(len(self.val_ids)),
+               "nonfinite_dropped": int(len(stats.nonfinite_rows)),
+               "image_shape": list(src.image_shape) if src.image_shape else None,
+               "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean()),
+               "fingerprint": self.fingerprint}
+        if len(self.data.streams) > 1:
+            out["streams"] = {n: {"source": s.name, "d": s.d_in} for n, s in self.data.streams.items()}
+        return {**out, **(self.data.describe() or {})}
+
+    @torch.no_grad()
+    def init_b_dec(self, model, threads: int) -> None:
+        """b_dec = geometric median of a sample of standardised rows (Weiszfeld's algorithm).
+
+        It depends on the data and the seed only, so one pass computes it once per thread count
+        (reductions on different thread counts may round apart) and copies it into every model.
+        """
+        key = (threads, model.targets)
+        if key not in self._b_dec:
+            rng = np.random.default_rng(self.seed)
+            ids = np.sort(rng.choice(self.train_ids, size=min(4096, len(self.train_ids)), replace=False))
+            name = model.targets[0]
+            x = self.standardizers[name](torch.from_numpy(self.data.streams[name].take(ids)))
+            m = x.mean(0)
+            for _ in range(30):
+                w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-6)
+                m = (w[:, None] * x).sum(0) / w.sum()
+            self._b_dec[key] = m
+        model.b_dec.copy_(self._b_dec[key].to(model.b_dec.device))
+
+    def close(self) -> None:
+        self.data.close()
+
+
+class _Standardised:
+    """A BatchSource moved to the device and standardised per stream, once for every model of the pass."""
+
+    def __init__(self, inner, device: torch.device, standardizers: dict):
+        self.inner, self.device, self.standardizers = inner, device, standardizers
+
+    def batches_per_epoch(self) -> int:
+        return self.inner.batches_per_epoch()
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        for raw in to_device(self.inner.epoch(epoch, start_batch), self.device):
+            yield {name: self.standardizers[name](t) for name, t in raw.items()}
+
+
+def _without(stats: Scan, source, val_ids: np.ndarray) -> Scan:
+    """Statistics of the training rows: remove the held-out rows' contribution from the full scan."""
+    if len(val_ids) == 0:
+        return stats
+    v = source.take(val_ids).astype(np.float64)
+    n_all = source.n_rows - len(stats.nonfinite_rows)
+    n_v = v.shape[0]
+    n_t = n_all - n_v
+    sum_all, sq_all = stats.mean * n_all, (stats.var + stats.mean**2) * n_all
+    mean = (sum_all - v.sum(0)) / n_t
+    var = np.maximum((sq_all - (v**2).sum(0)) / n_t - mean**2, 0.0)
+    msn = (stats.mean_sq_norm * n_all - (v**2).sum()) / n_t
+    return dataclasses.replace(stats, n_rows=n_t, mean=mean, var=var, mean_sq_norm=float(msn))
+
+
+SIDE_BY_SIDE_MACS = 2**29
+"""On the CPU, models whose step is below this many multiply-adds (batch x d_in x latents) step on one
+thread each, side by side, when a pass has several: at d=64, 512 latents, batch 4096 a step takes
+18.8 ms on one thread and 16.3 ms on two, so two models side by side do twice the work in the time."""
+
+
+def plan_threads(specs: list[RunSpec], dpass: DataPass, workers: int | None) -> list[int]:
+    """CPU threads per model of a pass: the count each would use alone (`cpu_threads`), or 1 for all
+    when several small models step side by side (see SIDE_BY_SIDE_MACS).
+
+    Not side by side when a spec sets `threads`, `workers` is 1, the pass has one model or the
+    machine one core. A model on one thread is bit-identical to `train(..., threads=1)`.
+    """
+    macs = [dpass.batch_size * dpass.d_in * s.model_config(dpass.d_in).d_sae for s in specs]
+    side_by_side = (dpass.device.type == "cpu" and len(specs) > 1 and cores() > 1 and workers != 1
+                    and all(s.train.threads is None for s in specs) and max(macs) < SIDE_BY_SIDE_MACS)
+    if side_by_side:
+        return [1] * len(specs)
+    return [cpu_threads(s.train.threads, dpass.device, m) or DEFAULT_THREADS for s, m in zip(specs, macs)]

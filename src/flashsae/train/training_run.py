@@ -1,0 +1,239 @@
+"""`TrainingRun`: one model's training, driven step by step by the loop.
+
+A run owns its model, `Trainer` (optimizer, schedules, dead-latent counters), loop state, log
+sinks, held-out evaluations, early stopping, checkpoints and, when it is done, its result and run
+directory. It does no setup of its own: the data side comes from a `DataPass` and the options
+from a `RunSpec`. `train()`, `train_many()` and the scikit-learn estimator all drive runs through
+`loop.run_pass`; the estimator's `partial_fit` extends a run by a number of steps.
+
+Imports io, models, eval, and the train modules below it; never the loop or cli.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flashsae import io
+from flashsae.eval.evaluate import evaluate
+from flashsae.train import artifacts, checkpoint, loggers
+from flashsae.train.prepare import DataPass
+from flashsae.train.spec import RunSpec
+from flashsae.train.trainer import Trainer
+
+
+@dataclass
+class LoopState:
+    """Where a run is: written into every checkpoint and read back by a resume."""
+
+    step: int = 0
+    rows_seen: int = 0
+    history: list[dict] = field(default_factory=list)  # the log rows so far
+    best: float = math.inf         # best held-out FVU (standardised), for early stopping
+    since_best: int = 0            # evaluations since it improved
+    elapsed: float = 0.0           # training seconds (evaluations excluded)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> LoopState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    metrics: dict                 # held-out metrics of the final model
+    train_seconds: float          # training time of the run (steps only, no setup or evaluations)
+    rows_seen: int
+    steps: int
+    run_dir: Path | None
+    history: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_seen / max(self.train_seconds, 1e-9)
+
+
+def schedule(spec: RunSpec, n_train: int, batch_size: int) -> tuple[int, int, int]:
+    """(total_steps, dead_after_rows, eval_every) of a run."""
+    cfg = spec.train
+    if cfg.rows is not None:
+        rows = cfg.rows
+    elif cfg.epochs is not None:
+        rows = int(cfg.epochs * n_train)
+    else:
+        rows = min(max(20 * n_train, 2_000_000), 200 * n_train)
+    total_steps = max(1, rows // batch_size)
+    dead_after = cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
+    eval_every = max(1, total_steps // 10) if cfg.eval_every is None else (cfg.eval_every or total_steps)
+    return total_steps, dead_after, eval_every
+
+
+class TrainingRun:
+    """One model trained on a pass's batches.
+
+    Args:
+        spec: the run's options.
+        dpass: the shared data side.
+        threads: CPU threads this run's steps and evaluations use.
+        out: the run directory to write (None keeps the model in memory).
+        overwrite: replace an existing `out`.
+        resume: continue from the checkpoint in `<out>.partial` (its config.json must match `spec`).
+        tensorboard, wandb: extra log sinks.
+    """
+
+    def __init__(self, spec: RunSpec, dpass: DataPass, *, threads: int, out=None, overwrite: bool = False,
+                 resume: bool = False, tensorboard: bool = False, wandb: bool = False):
+        from flashsae import kernels, models
+
+        self.spec, self.dpass, self.threads = spec, dpass, threads
+        comm = dpass.comm
+        cfg = spec.train
+        torch.set_num_threads(threads)
+        model_cfg = spec.model_config(dpass.d_in)
+        torch.manual_seed(cfg.seed)
+        cls = models.get(spec.architecture)
+        self.model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]])).to(dpass.device)
+        self.total_steps, dead_after, self.eval_every = schedule(spec, len(dpass.train_ids), dpass.batch_size)
+        self.trainer = Trainer(self.model, cfg, total_steps=self.total_steps, dead_after_rows=dead_after, comm=comm)
+        resolved = {"batch_size": dpass.batch_size, "total_steps": self.total_steps, "lr": self.trainer.base_lr,
+                    "dtype": self.trainer.dtype, "dead_after_rows": dead_after, "device": str(dpass.device),
+                    "world_size": comm.world_size, "threads": threads, **kernels.describe(dpass.device)}
+        self.config = artifacts.run_config(spec.architecture, model_cfg, train=cfg, data=spec.data,
+                                           preprocess={"mode": spec.data.standardize},
+                                           data_stats=dpass.data_stats(), resolved=resolved)
+        self.out = out
+        self.work = None
+        if out is not None and comm.is_main():  # only rank 0 writes
+            self.work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=not resume)
+        if resume:
+            self.state = LoopState.from_json(checkpoint.load(io.partial_dir(Path(out)), self.model, self.trainer))
+        else:
+            self.state = LoopState()
+            dpass.init_b_dec(self.model, threads)
+            if self.work is not None:
+                io.write_json(self.work / io.CONFIG_FILE, self.config)
+        comm.broadcast_module_(self.model)  # every rank starts from rank 0's weights and standardiser
+        # Live curves paced on this run's training time: wall time would redraw all the models of a
+        # pass as often as one, and draw models mid-run that alone finish before the first redraw.
+        self.logs = loggers.TrainingLogs.open(self.work, self.config, self.state.history,
+                                              total_steps=self.total_steps,
+                                              resume_step=self.state.step + 1 if resume else None,
+                                              tensorboard=tensorboard and comm.is_main(),
+                                              wandb=wandb and comm.is_main(), clock=lambda: self.state.elapsed)
+        self._acc = None
+        self._n_acc = 0
+        self.last_step_s = 0.0
+        self.result: TrainResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def extend(self, n_steps: int) -> None:
+        """Train `n_steps` more steps at the next pass (the estimator's partial_fit)."""
+        self.total_steps = self.state.step + n_steps
+        self.eval_every = self.total_steps
+
+    def step(self, batch: dict) -> float:
+        """One optimizer step on the pass's batch (safe on a worker thread); returns its seconds."""
+        t = time.perf_counter()
+        m = torch.stack(self.trainer.step(batch))
+        self._acc = m if self._acc is None else self._acc + m
+        self._n_acc += 1
+        self.last_step_s = time.perf_counter() - t
+        return self.last_step_s
+
+    def after_step(self, n_rows: int) -> tuple[bool, float]:
+        """Bookkeeping after a step (log, held-out evaluation, checkpoint, early stopping), on the main
+        thread. Returns (whether this was a log step, the seconds spent evaluating)."""
+        if torch.get_num_threads() != self.threads:  # evaluation runs as it would alone too
+            torch.set_num_threads(self.threads)
+        state, cfg = self.state, self.spec.train
+        state.step += 1
+        state.rows_seen += n_rows
+        step = state.step
+        done = step >= self.total_steps
+        evaluate_now = step % self.eval_every == 0 or done
+        at_log = step % cfg.log_every == 0 or evaluate_now
+        eval_s = 0.0
+        if at_log:
+            eval_s = self._log(evaluate_now)
+        if self.work is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
+            self.checkpoint()
+        if cfg.patience and state.since_best >= cfg.patience:
+            self.total_steps = step  # early stop
+        return at_log, eval_s
+
+    def _log(self, evaluate_now: bool) -> float:
+        """A log row from the step metrics averaged since the last one (over ranks too), the AuxK switch,
+        and at evaluation steps the held-out check. Returns the seconds the evaluation took."""
+        state, trainer, comm = self.state, self.trainer, self.dpass.comm
+        loss, mse, var, l0, aux = comm.all_reduce_mean_(self._acc / self._n_acc).tolist()  # one device read
+        self._acc, self._n_acc = None, 0
+        row = {"step": state.step, "rows_seen": state.rows_seen, "loss": loss, "mse": mse,
+               "fvu": mse / max(var, 1e-12), "l0": l0, "aux_loss": aux,
+               "dead_fraction": float(trainer.dead_mask().float().mean()),
+               "lr": trainer.optimizer.param_groups[0]["lr"], "val_fvu": "", "val_l0": "",
+               "elapsed_s": round(state.elapsed, 3)}
+        trainer.refresh_aux()
+        eval_s = 0.0
+        if evaluate_now:
+            t = time.perf_counter()
+            v = evaluate(self.model, self.dpass.source, self.dpass.eval_ids())
+            self.model.train()
+            eval_s = time.perf_counter() - t
+            # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
+            fvu, l0 = comm.broadcast_(torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
+            row["val_fvu"], row["val_l0"] = fvu, l0
+            if fvu < state.best * (1 - 1e-3):
+                state.best, state.since_best = fvu, 0
+            else:
+                state.since_best += 1
+        state.history.append(row)
+        self.logs.log(row)
+        if self.work is not None:
+            artifacts.write_log(self.work / io.LOG_FILE, state.history)
+        return eval_s
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint for --resume (rank 0, with an output directory)."""
+        if self.work is not None:
+            checkpoint.save(self.work, self.model, self.trainer, self.state.to_json())
+
+    def interrupted(self) -> TrainResult:
+        """The result of a run stopped before its end (its checkpoint is written)."""
+        self.logs.close()
+        s = self.state
+        self.result = TrainResult({}, s.elapsed, s.rows_seen, s.step, self.work, s.history, interrupted=True)
+        return self.result
+
+    def finish(self, *, evaluate_final: bool = True, progress: bool = False) -> TrainResult:
+        """Final held-out evaluation and the run directory; returns (and keeps) the result."""
+        s, dpass = self.state, self.dpass
+        torch.set_num_threads(self.threads)
+        self.model.eval()
+        metrics: dict = {}
+        if evaluate_final:
+            metrics = dict(evaluate(self.model, dpass.source, dpass.final_ids(), progress=progress))
+            metrics.update(rows_seen=s.rows_seen, steps=s.step, train_seconds=round(s.elapsed, 3),
+                           rows_per_s=round(s.rows_seen / max(s.elapsed, 1e-9), 1),
+                           evaluated_on="held-out" if len(dpass.val_ids) else "training rows")
+            self.logs.summary(metrics, s.step)
+        self.logs.close()
+        self.result = TrainResult(metrics, s.elapsed, s.rows_seen, s.step, None, s.history)
+        if self.work is not None:
+            self.result.run_dir = artifacts.write_run(self.work, self.out, self.model, self.config, metrics,
+                                                      s.history, dpass.source, dpass.final_ids())
+        return self.result
+
+    def close(self) -> None:
+        self.logs.close()
