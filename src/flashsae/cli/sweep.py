@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file, shard directory, or built-in name: digits (default) or synthetic")
     p.add_argument("--out", required=True, help="sweep directory: OUT/<name> per model, OUT/sweep.csv, OUT/tradeoff.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing models and tables in OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep in OUT with the same options: finished models are kept, "
+                        "interrupted ones continue from their checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
     p.add_argument("--json", action="store_true", help="print the sweep table as JSON")
     p.add_argument("--separate", action="store_true",
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from flashsae.cli.common import print_json
     from flashsae.train.sweep import run_grid
 
-    result = run_grid(args.data, grid_from_args(args), args.out, overwrite=args.overwrite,
+    result = run_grid(args.data, grid_from_args(args), args.out, overwrite=args.overwrite, resume=args.resume,
                       quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,
                       separate=args.separate)
     if not result.rows:  # a rank other than 0 under torchrun: rank 0 reports
@@ -77,8 +80,8 @@ def grid_from_args(args: argparse.Namespace) -> list[dict]:
     """The grid of train() options: options given several values are axes, the rest are shared."""
     from flashsae.train.sweep import expand_grid
 
-    skip = {"data", "out", "overwrite", "quiet", "json", "separate", "tensorboard", "wandb", "command", "_module",
-            "_grid_dests"}
+    skip = {"data", "out", "overwrite", "resume", "quiet", "json", "separate", "tensorboard", "wandb", "command",
+            "_module", "_grid_dests"}
     axes, fixed = {}, {}
     for key, value in vars(args).items():
         if key in skip:

@@ -9,10 +9,12 @@ from flashsae.eval.metrics import RunningMetrics, dictionary_recovery
 
 
 @torch.no_grad()
-def evaluate(model, source, row_ids: np.ndarray | None = None, *, chunk_rows: int = 8192,
+def evaluate(model, source, row_ids: np.ndarray | None = None, *, targets=None, chunk_rows: int = 8192,
              progress: bool = False) -> dict[str, float]:
     """Held-out metrics: mse and fvu (data units), fvu_standardized, l0, dead and dense fractions.
 
+    `targets`: the Source of the stream the model reconstructs, for a model that reads x and writes
+    another stream (the same rows as `source`); None compares the reconstruction with x itself.
     On a source with planted ground truth (synthetic) also `recovery`: the mean over planted atoms
     of the best cosine similarity with a learned atom.
     """
@@ -26,12 +28,14 @@ def evaluate(model, source, row_ids: np.ndarray | None = None, *, chunk_rows: in
 
         total = len(row_ids) if row_ids is not None else source.n_rows
         chunks = tqdm(chunks, total=-(-total // chunk_rows), desc="evaluate", unit="chunk", leave=False)
+    out_std = model.out_standardizer
+    wanted = iter_chunks(targets, row_ids, chunk_rows=chunk_rows) if targets is not None else None
     for chunk in chunks:
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
-        x_std = model.standardizer(x)
-        out = model(x_std)
-        codes, x_hat_std = out.codes, out.x_hat
-        stats.update(x, model.standardizer.inverse(x_hat_std), x_std, x_hat_std, codes)
+        y = x if wanted is None else torch.from_numpy(np.ascontiguousarray(next(wanted))).to(device)
+        out = model(model.standardizer(x))
+        y_std = out_std(y)
+        stats.update(y, out_std.inverse(out.x_hat), y_std, out.x_hat, out.codes)
     out = stats.result()
     gt = getattr(source, "ground_truth", None)
     if gt is not None and gt.shape[1] == model.d_in:

@@ -89,6 +89,9 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.standardizer = standardizer if standardizer is not None else Standardizer(cfg.d_in, "none")
+        # A model that reconstructs another stream than it reads keeps that stream's standardisation too.
+        self.target_standardizer = Standardizer(cfg.d_in, self.standardizer.mode) \
+            if self.targets[0] != self.inputs[0] else None
         enc_dims = (cfg.d_in, *cfg.encoder_hidden)
         dec_dims = (*cfg.decoder_hidden, cfg.d_in)
         self.enc_layers = nn.ParameterList()
@@ -119,6 +122,11 @@ class SparseAutoencoder(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def out_standardizer(self) -> Standardizer:
+        """The standardisation of the stream the model reconstructs (its input's, for an SAE)."""
+        return self.target_standardizer if self.target_standardizer is not None else self.standardizer
 
     @property
     def is_deep(self) -> bool:
@@ -183,7 +191,7 @@ class SparseAutoencoder(nn.Module):
             from flashsae.errors import DataError
 
             raise DataError(f"codes must have shape (rows, {self.d_sae}), got {tuple(codes.shape)}")
-        return self.standardizer.inverse(self.decode_dense(codes))
+        return self.out_standardizer.inverse(self.decode_dense(codes))
 
     @torch.no_grad()
     def reconstruct(self, x) -> Tensor:
@@ -217,7 +225,7 @@ class SparseAutoencoder(nn.Module):
             base = self.decode(torch.zeros(1, self.d_sae, device=self.W_dec.device))
             eye = torch.eye(self.d_sae, device=self.W_dec.device)
             return self.decode(eye) - base
-        return self.W_dec * self.standardizer.scale
+        return self.W_dec * self.out_standardizer.scale
 
 
 def _kaiming(fan_out: int, fan_in: int) -> Tensor:

@@ -197,6 +197,11 @@ class DataPass:
         """The rows of stream x: statistics, evaluation, pictures."""
         return self.data.streams["x"]
 
+    def target_of(self, model):
+        """The Source of the stream `model` reconstructs, when it is not x (None for an SAE)."""
+        name = model.targets[0]
+        return None if name == "x" else self.data.streams[name]
+
     @property
     def d_in(self) -> int:
         return self.source.d_in

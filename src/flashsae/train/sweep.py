@@ -88,7 +88,7 @@ def validate_grid(grid: list[dict]) -> None:
         RunSpec.from_options(None, point)
 
 
-def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: bool = False,
+def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
              tensorboard: bool = False, wandb: bool = False, separate: bool = False,
              comm: distributed.Comm | None = None) -> SweepResult:
     """Train one model per grid point into OUT/<name>; write OUT/sweep.csv and OUT/tradeoff.png.
@@ -104,6 +104,8 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
         grid: one dict of `train()` options per model (see `expand_grid`).
         out: sweep directory.
         overwrite: replace existing model directories and tables in `out`.
+        resume: continue an interrupted sweep in `out`: finished models are kept, interrupted ones
+            continue from their checkpoints, the others start.
         quiet: no progress bars or summaries.
         tensorboard, wandb: extra log sinks for every model (see `train()`); W&B trains the models
             one by one (a process holds one W&B run).
@@ -121,8 +123,9 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it "
+                          "or --resume to continue it")
     comm = comm if comm is not None else distributed.from_env(SWEEP_TIMEOUT_S, gpu_collectives=False)
     comm.barrier()  # every rank has checked `out` before any rank writes into it
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,8 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
     if torch.cuda.is_available():
         comm.device(torch.device("cuda"))  # this rank's GPU becomes the default "cuda"
     trained = train_each(data, [grid[i] for i in mine], [out / names[i] for i in mine], overwrite=overwrite,
-                         quiet=quiet or not comm.is_main(), tensorboard=tensorboard, wandb=wandb, separate=separate)
+                         resume=resume, quiet=quiet or not comm.is_main(), tensorboard=tensorboard, wandb=wandb,
+                         separate=separate)
     comm.barrier()  # every model is written
     if not comm.is_main():
         return SweepResult([], out)
@@ -145,8 +149,9 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, quiet: boo
     return SweepResult(rows, out)
 
 
-def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False, quiet: bool = False,
-          tensorboard: bool = False, wandb: bool = False, separate: bool = False, **options) -> SweepResult:
+def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False, resume: bool = False,
+          quiet: bool = False, tensorboard: bool = False, wandb: bool = False, separate: bool = False,
+          **options) -> SweepResult:
     """Train a grid: `sweep("digits", "runs/sweep", grid={"k": [4, 8, 16]}, latents=256)`.
 
     Every option in `grid` takes each of its values in turn (cartesian product); `options` are
@@ -154,12 +159,12 @@ def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False
     """
     if out is None:
         raise ConfigError("a sweep needs an output directory (out=...)")
-    return run_grid(data, expand_grid(grid, options), out, overwrite=overwrite, quiet=quiet,
+    return run_grid(data, expand_grid(grid, options), out, overwrite=overwrite, resume=resume, quiet=quiet,
                     tensorboard=tensorboard, wandb=wandb, separate=separate)
 
 
 def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool, quiet: bool,
-               tensorboard: bool, wandb: bool, separate: bool = False) -> list[tuple[dict, Path]]:
+               tensorboard: bool, wandb: bool, separate: bool = False, resume: bool = False) -> list[tuple[dict, Path]]:
     """Train the grid's models; return (held-out metrics, run directory) per point.
 
     One data pass for all of them (`train_many`) unless `separate` (or W&B logging of several
@@ -172,15 +177,19 @@ def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool,
     if not separate and not (wandb and len(grid) > 1):
         if not quiet:
             print(f"training {len(grid)} models on one data pass: {', '.join(d.name for d in run_dirs)}", flush=True)
-        trained = train_many(data, grid, outs=run_dirs, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
-                             wandb=wandb)
+        trained = train_many(data, grid, outs=run_dirs, overwrite=overwrite, resume=resume, quiet=quiet,
+                             tensorboard=tensorboard, wandb=wandb)
         return [(result.metrics, result.run_dir) for _, result in trained]
     results = []
     for i, (point, run_dir) in enumerate(zip(grid, run_dirs)):
+        if resume and (run_dir / io.MODEL_FILE).is_file() and not io.partial_dir(run_dir).exists():
+            results.append((io.read_json(run_dir / io.METRICS_FILE), run_dir))  # finished before
+            continue
         if not quiet:
             print(f"[{i + 1}/{len(grid)}] {run_dir.name}", flush=True)
-        _, result = train(data, out=run_dir, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
-                          wandb=wandb, comm=distributed.LOCAL, **point)
+        again = resume and (io.partial_dir(run_dir) / io.CHECKPOINT_DIR / io.CHECKPOINT_STATE).is_file()
+        _, result = train(data, out=run_dir, overwrite=overwrite or resume, resume=again, quiet=quiet,
+                          tensorboard=tensorboard, wandb=wandb, comm=distributed.LOCAL, **point)
         results.append((result.metrics, result.run_dir))
     return results
 

@@ -101,7 +101,10 @@ class TrainingRun:
         model_cfg = spec.model_config(dpass.d_in)
         torch.manual_seed(cfg.seed)
         cls = models.get(spec.architecture)
-        self.model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]])).to(dpass.device)
+        self.model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]]))
+        if self.model.target_standardizer is not None:
+            self.model.target_standardizer = copy.deepcopy(dpass.standardizers[cls.targets[0]])
+        self.model.to(dpass.device)
         self.total_steps, dead_after, self.eval_every = schedule(spec, len(dpass.train_ids), dpass.batch_size)
         self.trainer = Trainer(self.model, cfg, total_steps=self.total_steps, dead_after_rows=dead_after, comm=comm)
         resolved = {"batch_size": dpass.batch_size, "total_steps": self.total_steps, "lr": self.trainer.base_lr,
@@ -188,7 +191,7 @@ class TrainingRun:
         eval_s = 0.0
         if evaluate_now:
             t = time.perf_counter()
-            v = evaluate(self.model, self.dpass.source, self.dpass.eval_ids())
+            v = evaluate(self.model, self.dpass.source, self.dpass.eval_ids(), targets=self.dpass.target_of(self.model))
             self.model.train()
             eval_s = time.perf_counter() - t
             # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
@@ -223,7 +226,8 @@ class TrainingRun:
         self.model.eval()
         metrics: dict = {}
         if evaluate_final:
-            metrics = dict(evaluate(self.model, dpass.source, dpass.final_ids(), progress=progress))
+            metrics = dict(evaluate(self.model, dpass.source, dpass.final_ids(), targets=dpass.target_of(self.model),
+                                    progress=progress))
             metrics.update(rows_seen=s.rows_seen, steps=s.step, train_seconds=round(s.elapsed, 3),
                            rows_per_s=round(s.rows_seen / max(s.elapsed, 1e-9), 1),
                            evaluated_on="held-out" if len(dpass.val_ids) else "training rows")
