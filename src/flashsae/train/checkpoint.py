@@ -1,8 +1,8 @@
 """Checkpoints for --resume, and the data fingerprint that makes sure a resume reads the same rows.
 
 A checkpoint is `<out>.partial/checkpoint/`: `state-<step>.safetensors` (weights, optimizer
-moments, dead-latent counters, the AuxK switch, the torch RNG) and `state.json` (step, rows seen,
-log history, early-stopping state, and the name of its tensor file). The tensors are written
+moments, dead-latent counters, the AuxK switch, the torch RNG) and `state.json` (the run's
+`LoopState`: step, rows seen, log history, early-stopping state; and the name of its tensor file). The tensors are written
 first under a step-stamped name, then the JSON that points at them, then older tensor files are
 removed; every write goes to a temporary name and is renamed. A crash at any moment (SIGKILL,
 power loss, full disk) therefore leaves the previous checkpoint or the new one, never a mix.
@@ -13,7 +13,10 @@ Imports io, errors and torch; never imports the training loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,26 @@ from flashsae import io
 from flashsae.errors import ArtifactError, DataError
 
 FINGERPRINT_ROWS = 16  # rows hashed at each end of the data
+
+
+@dataclass
+class LoopState:
+    """Where a run is: written into every checkpoint and read back by a resume."""
+
+    step: int = 0
+    rows_seen: int = 0
+    history: list[dict] = field(default_factory=list)  # the log rows so far
+    best: float = math.inf         # best held-out FVU (standardised), for early stopping
+    since_best: int = 0            # evaluations since it improved
+    elapsed: float = 0.0           # training seconds (evaluations excluded)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> LoopState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in names})
 
 
 def fingerprint(source) -> str:
@@ -52,16 +75,16 @@ def check_same_data(saved_config: dict, source, fp: str, where: Path) -> None:
                         f"checkpoint {saved_fp}); resume with the same data")
 
 
-def save(work: Path, model, trainer, state: dict) -> None:
+def save(work: Path, model, trainer, state: LoopState) -> None:
     """Write a checkpoint of `model`, `trainer` and the loop `state` into `work/checkpoint`."""
     ckpt = io.inside(work, io.CHECKPOINT_DIR)
     ckpt.mkdir(exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(trainer.state_tensors())
     tensors["rng.torch"] = torch.get_rng_state()
-    name = f"state-{state['step']}.safetensors"
+    name = f"state-{state.step}.safetensors"
     io.write_tensors(ckpt / name, tensors)
-    io.write_json(ckpt / io.CHECKPOINT_STATE, {**state, "tensors": name})
+    io.write_json(ckpt / io.CHECKPOINT_STATE, {**state.to_json(), "tensors": name})
     for old in ckpt.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -69,7 +92,7 @@ def save(work: Path, model, trainer, state: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(work: Path, model, trainer) -> dict:
+def load(work: Path, model, trainer) -> LoopState:
     """Restore `model` and `trainer` from `work/checkpoint`; return the loop state."""
     ckpt = io.inside(work, io.CHECKPOINT_DIR)
     state = io.read_json(io.inside(ckpt, io.CHECKPOINT_STATE))
@@ -84,4 +107,4 @@ def load(work: Path, model, trainer) -> dict:
         torch.set_rng_state(tensors["rng.torch"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise ArtifactError(f"{path} is corrupt: {e}") from None
-    return state
+    return LoopState.from_json(state)

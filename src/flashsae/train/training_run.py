@@ -11,8 +11,6 @@ Imports io, models, eval, and the train modules below it; never the loop or cli.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,29 +20,10 @@ import torch
 from flashsae import io
 from flashsae.eval.evaluate import evaluate
 from flashsae.train import artifacts, checkpoint, loggers
+from flashsae.train.checkpoint import LoopState
 from flashsae.train.prepare import DataPass
 from flashsae.train.spec import RunSpec
 from flashsae.train.trainer import Trainer
-
-
-@dataclass
-class LoopState:
-    """Where a run is: written into every checkpoint and read back by a resume."""
-
-    step: int = 0
-    rows_seen: int = 0
-    history: list[dict] = field(default_factory=list)  # the log rows so far
-    best: float = math.inf         # best held-out FVU (standardised), for early stopping
-    since_best: int = 0            # evaluations since it improved
-    elapsed: float = 0.0           # training seconds (evaluations excluded)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> LoopState:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in names})
 
 
 @dataclass
@@ -118,7 +97,7 @@ class TrainingRun:
         if out is not None and comm.is_main():  # only rank 0 writes
             self.work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=not resume)
         if resume:
-            self.state = LoopState.from_json(checkpoint.load(io.partial_dir(Path(out)), self.model, self.trainer))
+            self.state = checkpoint.load(io.partial_dir(Path(out)), self.model, self.trainer)
         else:
             self.state = LoopState()
             dpass.init_b_dec(self.model, threads)
@@ -210,7 +189,7 @@ class TrainingRun:
     def checkpoint(self) -> None:
         """Write a checkpoint for --resume (rank 0, with an output directory)."""
         if self.work is not None:
-            checkpoint.save(self.work, self.model, self.trainer, self.state.to_json())
+            checkpoint.save(self.work, self.model, self.trainer, self.state)
 
     def interrupted(self) -> TrainResult:
         """The result of a run stopped before its end (its checkpoint is written)."""
