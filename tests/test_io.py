@@ -1,5 +1,6 @@
 """Run directories: save -> load -> identical codes, resume equality, refusal of damaged artifacts."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -139,3 +140,26 @@ def test_encode_rejects_wrong_width(run_dir):
     m = flashsae.load(run_dir)
     with pytest.raises(DataError, match=r"model expects \(rows, 32\) columns"):
         m.encode(np.zeros((3, 7), np.float32))
+
+
+def test_atomic_path_replaces_only_a_complete_file(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old\n" and list(tmp_path.iterdir()) == [target]  # no temporary file left
+    with io.atomic_path(target, suffix=".npy") as tmp:
+        assert tmp.name.startswith(".table.csv.tmp-") and tmp.suffix == ".npy"
+        np.save(tmp, np.arange(3))
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    model = flashsae.build("topk", d_in=4, d_sae=8, k=2)
+    io.save_model(tmp_path, model, {"architecture": "topk"})
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (io.MODEL_FILE, io.CONFIG_FILE):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

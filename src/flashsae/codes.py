@@ -135,7 +135,7 @@ def encode_to_npz(model, source, row_ids=None, path: str | os.PathLike = "codes.
             indptr = _convert(indptr, parts["converted"], np.int32)
         else:
             indices = _convert(indices, parts["converted"], np.int64)
-        with io._atomic_path(path) as tmp:  # the arrays scipy.sparse.save_npz writes, uncompressed
+        with io.atomic_path(path) as tmp:  # the arrays scipy.sparse.save_npz writes, uncompressed
             _write_npz(tmp, {"indices": indices, "indptr": indptr, "format": np.array(b"csr"),
                              "shape": np.array([n, model.d_sae], dtype=np.int64), "data": data})
         return CodesFile(path, (n, model.d_sae), nnz)
@@ -173,13 +173,8 @@ def _convert(a: np.ndarray, path: Path, dtype, step: int = 1 << 17) -> np.ndarra
 
 
 def save_csr(codes: sp.csr_matrix, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    try:
+    with io.atomic_path(path, suffix=".npz") as tmp:  # save_npz would append .npz to any other name
         sp.save_npz(tmp, codes)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_csr(path: str | os.PathLike, d_sae: int) -> sp.csr_matrix:
@@ -277,15 +272,10 @@ def _map_stored_npz(path: Path, names: tuple[str, ...]) -> dict | None:
 def decode_to_npy(model, codes, path: str | os.PathLike, *, chunk_rows: int = 8192) -> None:
     """Reconstructions of codes (a scipy CSR matrix or `open_codes`'s MappedCSR) written to a .npy file
     (float32), chunk by chunk."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    try:
+    with io.atomic_path(path, suffix=".npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(codes.shape[0], model.d_in))
         for start in range(0, codes.shape[0], chunk_rows):
             block = codes[start:start + chunk_rows].toarray()
             out[start:start + len(block)] = model.decode(torch.from_numpy(block)).cpu().numpy()
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

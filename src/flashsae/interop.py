@@ -16,9 +16,6 @@ Imports io, models, config and errors; never imports train or cli.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -230,18 +227,11 @@ def _hook_metadata(run_config: dict | None) -> dict:
 
 
 def _publish(out: Path, overwrite: bool, jsons: dict, weights_name: str, tensors: dict) -> Path:
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace it")
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = io.prepare_out(out, overwrite=overwrite, resume=False)
     io.write_tensors(work / weights_name, tensors)
     for name, obj in jsons.items():
-        (work / name).write_text(json.dumps(obj, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
-    return out
+        io.write_json(work / name, obj)
+    return io.finalize(work, out)
 
 
 def _version() -> str:

@@ -98,16 +98,21 @@ def finalize(work: Path, out: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path, *, durable: bool = False):
+def atomic_path(path: str | os.PathLike, *, durable: bool = False, suffix: str = ""):
     """Yield a temporary sibling of `path` to write; it replaces `path` only once complete.
 
-    A crash leaves the previous `path` or the new one, never a mix. `durable` also flushes the
-    file and its directory to disk (power loss). A full disk raises ArtifactError and keeps the
-    previous `path`.
+    Every file the package writes goes through here. A crash leaves the previous `path` or the new
+    one, never a mix; an exception removes the temporary file. The temporary name is
+    `.NAME.tmp-PID` plus `suffix` (for writers that insist on an extension, like np.save), so
+    leftovers of a killed process are recognisable. `durable` also flushes the file and its
+    directory to disk (power loss). A full disk raises ArtifactError and keeps the previous `path`.
+    The file gets the usual permissions (0666 less the umask), whatever the writer created it with.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         if durable:
             _fsync_file(tmp)
         os.replace(tmp, path)
@@ -121,6 +126,18 @@ def _atomic_path(path: Path, *, durable: bool = False):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path, durable=durable) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:
@@ -145,12 +162,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    with _atomic_path(Path(path), durable=True) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable=True)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    with _atomic_path(Path(path), durable=True) as tmp:
+    with atomic_path(path, durable=True) as tmp:
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         except SafetensorError as e:  # its I/O errors arrive as text, e.g. "IoError(Os { code: 28, ...})"

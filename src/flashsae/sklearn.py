@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
-import time
 
 import numpy as np
 import scipy.sparse as sp

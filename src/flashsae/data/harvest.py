@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flashsae import io
 from flashsae.data import activations as A
 from flashsae.data.corpus import iter_contexts
 from flashsae.errors import ConfigError
@@ -228,15 +229,9 @@ class _ShardWriter:
         self.contexts = {c: v for c, v in self.contexts.items() if c > last}
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _save_acts(path: Path, acts: np.ndarray, dtype: str) -> None:
@@ -245,13 +240,9 @@ def _save_acts(path: Path, acts: np.ndarray, dtype: str) -> None:
         return
     from safetensors.torch import save_file
 
-    tmp = _tmp(path)
-    save_file({"activations": torch.from_numpy(acts).to(STORE_DTYPES[dtype]).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp:
+        save_file({"activations": torch.from_numpy(acts).to(STORE_DTYPES[dtype]).contiguous()}, str(tmp))
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    path = out / A.MANIFEST_FILE
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    io.atomic_write_text(out / A.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")

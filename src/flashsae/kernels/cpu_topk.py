@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -74,16 +73,12 @@ def _library():
     target = cache_dir() / f"cpu_topk-{key}.so"
     try:
         if not target.exists():
+            from flashsae import io
+
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".cpu_topk-", suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+            with io.atomic_path(target, suffix=".so") as tmp:  # concurrent builds each rename a whole library
+                subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
                                timeout=120)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
         return None

@@ -80,8 +80,7 @@ class JsonlLog:
 
     def __init__(self, path: Path, history: list[dict]):
         self.path = Path(path)
-        with io._atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in history))
+        io.atomic_write_text(self.path, "".join(json.dumps(_clean(r)) + "\n" for r in history))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, row: dict) -> None:

@@ -218,7 +218,7 @@ def write_table(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    with io._atomic_path(Path(path)) as tmp:
+    with io.atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()

@@ -258,6 +258,4 @@ def _promoted(sae, lm, decode, pages, n: int = 10) -> dict[int, list[tuple[str, 
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    io.atomic_write_text(path, text)

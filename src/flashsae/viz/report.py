@@ -56,8 +56,7 @@ def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
     """Write the report of a run or sweep directory to `out` (default: PATH/report.html) and return it."""
     text = render_report(path)
     out = Path(out) if out is not None else Path(path) / io.REPORT_FILE
-    with io._atomic_path(out) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    io.atomic_write_text(out, text)
     return out
 
 
