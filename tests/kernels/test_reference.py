@@ -70,9 +70,9 @@ def test_auxk_candidates_are_dead_latents_and_train_the_encoder():
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("FLASHSAE_KERNELS", raising=False)
-    assert kernels._impl(torch.device("cpu")) == "reference"
+    assert kernels.selection.impl(torch.device("cpu")) == "reference"
     monkeypatch.setenv("FLASHSAE_KERNELS", "reference")
-    assert kernels._impl(torch.device("cuda")) == "reference"
+    assert kernels.selection.impl(torch.device("cuda")) == "reference"
 
 
 def test_decoder_and_encoder_backward_group_the_latents_once(monkeypatch):

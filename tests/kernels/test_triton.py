@@ -214,11 +214,11 @@ def test_topk_encode_bf16_input(grouped):
 def test_forcing_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("FLASHSAE_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels._impl(torch.device("cpu")) == "triton"
+    assert kernels.selection.impl(torch.device("cpu")) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert kernels._impl(torch.device("cpu")) == "reference"
+    assert kernels.selection.impl(torch.device("cpu")) == "reference"
     monkeypatch.setenv("FLASHSAE_KERNELS", "reference")
-    assert kernels._impl(torch.device("cuda")) == "reference"
+    assert kernels.selection.impl(torch.device("cuda")) == "reference"
 
 
 def test_topk_training_steps_match_reference(grouped, monkeypatch):

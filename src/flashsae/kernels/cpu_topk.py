@@ -91,7 +91,9 @@ def _library():
 
 def _kernel():
     """The compiled function, or None when it is unavailable or FLASHSAE_KERNELS=reference."""
-    return None if os.environ.get("FLASHSAE_KERNELS", "").strip().lower() == "reference" else _library()
+    from flashsae.kernels import selection
+
+    return None if selection.setting() == "reference" else _library()
 
 
 def available() -> bool:
