@@ -220,7 +220,7 @@ def _run_config(model, imported: dict) -> dict:
 
 def _hook_metadata(run_config: dict | None) -> dict:
     """model_name / hook_name for SAELens's metadata, from the run's recorded provenance."""
-    from flashsae.eval.downstream import provenance
+    from flashsae.lm.downstream import provenance
 
     prov = provenance(run_config or {})
     return {"model_name": prov.get("model"), "hook_name": prov.get("hook")} if prov else {}

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashsae.viz.browse import build_site
+    from flashsae.lm.browse import build_site
 
     out = build_site(args.run_dir, args.acts, args.out, latents=args.latents, top=args.top, window=args.window,
                      rows=args.rows, promoted=args.promoted, device=args.device,

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_downstream_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("downstream: splice the SAE into a transformers model (flashsae.eval.downstream)")
+    g = p.add_argument_group("downstream: splice the SAE into a transformers model (flashsae.lm.downstream)")
     g.add_argument("--model", default=None, help="model directory or cached name (default: the one the run's "
                    "activations came from, when recorded)")
     g.add_argument("--hook", default=None, help="module name as in model.named_modules() (default: as recorded)")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                          progress=show)
         metrics = {"data": source.name, **evaluate(model, source, row_ids, progress=show)}
     if args.text is not None:
-        from flashsae.eval.downstream import evaluate_downstream
+        from flashsae.lm.downstream import evaluate_downstream
 
         metrics["downstream"] = evaluate_downstream(
             model, text=args.text, model=args.model, hook=args.hook, rows=args.rows, context=args.context,

@@ -15,7 +15,7 @@ EPILOG = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from flashsae.cli.common import add_dataclass_flags
     from flashsae.config import field_docs
-    from flashsae.data.harvest import FORMATS, STORE_DTYPES, HarvestConfig
+    from flashsae.lm.harvest import FORMATS, STORE_DTYPES, HarvestConfig
 
     docs = field_docs(HarvestConfig)
     p.add_argument("--model", required=True, metavar="PATH_OR_NAME", help=docs["model"])
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashsae.data.harvest import HarvestConfig, harvest
+    from flashsae.lm.harvest import HarvestConfig, harvest
 
     skip = {"out", "overwrite", "quiet", "json", "command", "_module"}
     cfg = HarvestConfig(**{k: v for k, v in vars(args).items() if k not in skip})

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_stream_flags(p: argparse.ArgumentParser) -> None:
     """--model/--hook/--text: capture a transformers model's activations on the fly instead of reading DATA."""
     from flashsae.cli.common import add_dataclass_flags
-    from flashsae.data.stream import StreamConfig
+    from flashsae.lm.stream import StreamConfig
 
     add_dataclass_flags(p.add_argument_group("activations on the fly (instead of DATA)"), StreamConfig)
 

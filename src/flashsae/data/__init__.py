@@ -1,6 +1,6 @@
 """Data: sources (arrays, files, shards, built-ins) and batching.
 
-Imports only `errors`; activation capture from neural networks lives in its own module and is
+Imports only `errors`; activation capture from neural networks lives in `flashsae.lm` and is
 imported on demand.
 """
 from flashsae.data.batching import BatchIterator, iter_chunks, split_rows

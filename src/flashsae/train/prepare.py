@@ -113,7 +113,7 @@ class _OnTheFly:
 def open_data(data, spec: RunSpec, *, comm: distributed.Comm, resume: bool, show: bool):
     """The pass's data: `_Rows` over one Source per stream, or `_OnTheFly` when `spec.stream` is set."""
     if spec.stream is not None:
-        from flashsae.data.stream import open_stream
+        from flashsae.lm.stream import open_stream
 
         return _OnTheFly(open_stream(spec.stream, device=spec.train.device, world_size=comm.world_size,
                                      resume=resume, progress=show))

@@ -16,7 +16,7 @@ from pathlib import Path
 from flashsae import models
 from flashsae.config import DataConfig, TrainConfig, to_dict
 from flashsae.errors import ConfigError
-from flashsae.data.stream import STREAM_FIELDS, StreamConfig
+from flashsae.lm.stream import STREAM_FIELDS, StreamConfig
 
 ALIASES = {"latents": "d_sae", "arch": "architecture", "n_rows": "rows"}
 DATA_FIELDS = frozenset(f.name for f in dataclasses.fields(DataConfig))

@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("transformers")
 
 import flashsae  # noqa: E402
-from flashsae.data import activations as A  # noqa: E402
-from flashsae.data.harvest import HarvestConfig, harvest  # noqa: E402
-from flashsae.eval.downstream import downstream_metrics  # noqa: E402
+from flashsae.lm import activations as A  # noqa: E402
+from flashsae.lm.harvest import HarvestConfig, harvest  # noqa: E402
+from flashsae.lm.downstream import downstream_metrics  # noqa: E402
 
 
 @pytest.mark.slow

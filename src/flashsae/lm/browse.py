@@ -7,7 +7,7 @@ top-activating rows, once for activation histograms; then it encodes the rows ar
 example to shade its context. Tokens are decoded with the tokenizer named in the manifest when it
 loads offline, else shown as ids; the tokens a latent promotes come from its decoder row through
 the model's output embedding when the model has an LM head.
-Imports io, data and viz.site; transformers only through data.activations.
+Imports io, data and lm.site; transformers only through lm.activations.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from flashsae import io
-from flashsae.data import activations as A
+from flashsae.lm import activations as A
 from flashsae.data import open_source
 from flashsae.errors import ConfigError, DataError
-from flashsae.viz import site
+from flashsae.lm import site
 
 _CODE_VALUES = 1 << 22  # dense codes per chunk (16 MB of float32), whatever d_sae is
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from flashsae.data import activations as A
-from flashsae.data.corpus import iter_contexts
+from flashsae.lm import activations as A
+from flashsae.lm.corpus import iter_contexts
 from flashsae.errors import ConfigError, DataError
 
 
@@ -71,7 +71,7 @@ def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 40
 
     Args:
         sae: a flashsae model whose d_in is the hooked module's width.
-        model, tokenizer: from `flashsae.data.activations.load_lm`.
+        model, tokenizer: from `flashsae.lm.activations.load_lm`.
         hook: module name as in `model.named_modules()`.
         text: corpus path; contexts are cut as in `flashsae harvest`.
         rows: token positions to evaluate (rounded up to whole contexts).

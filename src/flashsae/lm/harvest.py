@@ -12,7 +12,7 @@ A shard holds whole contexts and at most `shard_rows` rows (the last may stop in
 `rows` is reached). Each shard is written to temporary names and renamed, then the manifest is
 replaced atomically, so an interrupted harvest resumes after its last complete shard when run
 again with the same settings. `open_source(ACTS_DIR)` reads exactly the shards the manifest lists.
-Imports `data.activations`, `data.corpus` and `errors` only.
+Imports io, `lm.activations`, `lm.corpus` and `errors` only.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from flashsae import io
-from flashsae.data import activations as A
-from flashsae.data.corpus import iter_contexts
+from flashsae.lm import activations as A
+from flashsae.lm.corpus import iter_contexts
 from flashsae.errors import ConfigError
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

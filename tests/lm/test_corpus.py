@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from flashsae.data.corpus import iter_contexts, iter_documents, special_wrapping  # noqa: E402
+from flashsae.lm.corpus import iter_contexts, iter_documents, special_wrapping  # noqa: E402
 from flashsae.errors import ConfigError, DataError  # noqa: E402
 
 

@@ -6,7 +6,7 @@ blocks into a bounded queue, so the model's forward runs ahead of the SAE step. 
 rows) and the held-out rows are drawn from it. Training batches then come from a shuffle buffer
 of `shuffle_rows` rows: it is filled, half of it is drawn at random as batches, and the drawn
 slots are refilled from the stream, so rows from many contexts mix in every batch.
-Imports `data.activations`, `data.corpus`, `data.sources` and `errors` only.
+Imports `lm.activations`, `lm.corpus`, `data.sources` and `errors` only.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashsae.data import activations as A
-from flashsae.data.corpus import iter_contexts
+from flashsae.lm import activations as A
+from flashsae.lm.corpus import iter_contexts
 from flashsae.data.sources import ArraySource
 from flashsae.errors import ConfigError
 

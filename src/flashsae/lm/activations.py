@@ -5,7 +5,7 @@ downloaded. The module is named as in `model.named_modules()`; its output (eleme
 is captured by a forward hook that raises a private exception, so the layers after it never run.
 Each token position becomes one row; special tokens (BOS/EOS/PAD/CLS/SEP, `all_special_ids`)
 are dropped unless kept, and rows whose norm exceeds a multiple of the median norm can be dropped
-too. Writing shards lives in `data.harvest`, training on the fly in `data.stream`.
+too. Writing shards lives in `lm.harvest`, training on the fly in `lm.stream`.
 Imports only `errors`; transformers is imported inside the functions that need it.
 """
 from __future__ import annotations

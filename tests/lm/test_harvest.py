@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from flashsae.data import activations as A  # noqa: E402
-from flashsae.data import harvest as H  # noqa: E402
+from flashsae.lm import activations as A  # noqa: E402
+from flashsae.lm import harvest as H  # noqa: E402
 from flashsae.data import open_source  # noqa: E402
 from flashsae.errors import ConfigError, DataError  # noqa: E402
 
@@ -155,7 +155,7 @@ def test_model_names_resolve_from_the_local_cache_only(tmp_path, tiny_gpt2):
     shutil.copytree(tiny_gpt2, snapshot)
     (tmp_path / "hub" / "models--local--tiny-gpt2" / "refs").mkdir()
     (tmp_path / "hub" / "models--local--tiny-gpt2" / "refs" / "main").write_text("abc")
-    code = ("from flashsae.data.activations import load_lm\n"
+    code = ("from flashsae.lm.activations import load_lm\n"
             "from flashsae.errors import DataError\n"
             "m, t = load_lm('local/tiny-gpt2'); print(type(m).__name__)\n"
             "try:\n    load_lm('local/missing')\nexcept DataError as e:\n    print('DataError', e)\n")
