@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from flashsae import io, models
-from flashsae.config import TrainConfig, to_dict
+from flashsae.config import TrainConfig
 from flashsae.errors import ArtifactError, ConfigError
 
 SAELENS_CFG = "cfg.json"
@@ -72,7 +72,7 @@ def export_saelens(run_dir, out, *, overwrite: bool = False) -> Path:
     cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-                        "exported_by": f"flashsae {_version()}", "flashsae_architecture": arch,
+                        "exported_by": f"flashsae {io.library_version()}", "flashsae_architecture": arch,
                         **_hook_metadata(model.run_config)},
            "architecture": target}
     if arch == "topk":
@@ -211,11 +211,9 @@ def _unit_rows(W_dec: Tensor) -> bool:
 
 
 def _run_config(model, imported: dict) -> dict:
-    return {"format_version": io.FORMAT_VERSION, "library": "flashsae", "library_version": _version(),
-            "architecture": model.architecture, "model": model.cfg.to_dict(),
-            "train": to_dict(TrainConfig()), "data": {}, "preprocess": {"mode": "none"},
-            "data_stats": {"source": f"imported from {imported['format']}", "imported": imported},
-            "resolved": {"total_steps": 0, "lr": 0.0}}
+    return io.run_config(model.architecture, model.cfg, train=TrainConfig(), data={},
+                         data_stats={"source": f"imported from {imported['format']}", "imported": imported},
+                         resolved={"total_steps": 0, "lr": 0.0})
 
 
 def _hook_metadata(run_config: dict | None) -> dict:
@@ -232,12 +230,6 @@ def _publish(out: Path, overwrite: bool, jsons: dict, weights_name: str, tensors
     for name, obj in jsons.items():
         io.write_json(work / name, obj)
     return io.finalize(work, out)
-
-
-def _version() -> str:
-    from flashsae import __version__
-
-    return __version__
 
 
 __all__ = ["export_saelens", "import_dir", "load_saelens", "load_sparsify", "detect_format", "raw_weights"]

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flashsae.config import to_dict
 from flashsae.errors import ArtifactError, ConfigError
 
 FORMAT_VERSION = 1
@@ -46,6 +47,36 @@ CONFIG_KEYS = frozenset({"format_version", "library", "library_version", "archit
 MAX_DIM = 2**31
 MAX_PARAMETERS = 2**34
 MAX_JSON_BYTES = 64 * 2**20
+
+
+def library_version() -> str:
+    from flashsae import __version__
+
+    return __version__
+
+
+def run_config(architecture: str, model_cfg, *, train=None, data=None, preprocess: dict | None = None,
+               data_stats: dict | None = None, resolved: dict | None = None) -> dict:
+    """config.json, the one schema of a run directory (training and `flashsae import` both write it):
+    exactly what ran (configs as dicts), the data's statistics and the defaults resolved at run time.
+
+    `model_cfg`, `train` and `data` are config instances or plain dicts.
+    """
+    def as_dict(cfg):
+        return cfg if cfg is None or isinstance(cfg, dict) else to_dict(cfg)
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "flashsae",
+        "library_version": library_version(),
+        "architecture": architecture,
+        "model": model_cfg if isinstance(model_cfg, dict) else model_cfg.to_dict(),
+        "train": as_dict(train),
+        "data": as_dict(data),
+        "preprocess": preprocess or {"mode": "none"},
+        "data_stats": data_stats or {},
+        "resolved": resolved or {},
+    }
 
 
 def partial_dir(out: Path) -> Path:

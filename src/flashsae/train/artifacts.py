@@ -1,8 +1,8 @@
-"""The run directory's schema: what config.json holds, and everything a finished run writes.
+"""What a training run writes: the finished model's directory and the CSV log.
 
-`run_config` is the one definition of config.json (training writes it, `flashsae import` writes
-the same keys for an imported model); `write_run` writes a finished model's directory; `write_log`
-the CSV log that training rewrites at every log step. Imports io and config; viz lazily.
+`write_run` writes a finished model's directory (config.json itself is `io.run_config`, the one
+schema shared with `flashsae import`); `write_log` the CSV log that training rewrites at every
+log step. Imports io; viz lazily.
 """
 from __future__ import annotations
 
@@ -11,41 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from flashsae import io
-from flashsae.config import to_dict
 
 LOG_COLUMNS = ("step", "rows_seen", "loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr",
                "val_fvu", "val_l0", "elapsed_s")
-
-
-def library_version() -> str:
-    from flashsae import __version__
-
-    return __version__
-
-
-def run_config(architecture: str, model_cfg, *, train=None, data=None, preprocess: dict | None = None,
-               data_stats: dict | None = None, resolved: dict | None = None, **extra) -> dict:
-    """config.json: exactly what ran (configs as dicts), the data's statistics and the resolved defaults.
-
-    `train` and `data` are TrainConfig / DataConfig instances or plain dicts; `extra` adds
-    top-level keys (an imported model's provenance).
-    """
-    def as_dict(cfg):
-        return cfg if cfg is None or isinstance(cfg, dict) else to_dict(cfg)
-
-    return {
-        "format_version": io.FORMAT_VERSION,
-        "library": "flashsae",
-        "library_version": library_version(),
-        "architecture": architecture,
-        "model": model_cfg if isinstance(model_cfg, dict) else model_cfg.to_dict(),
-        "train": as_dict(train),
-        "data": as_dict(data),
-        "preprocess": preprocess or {"mode": "none"},
-        "data_stats": data_stats or {},
-        "resolved": resolved or {},
-        **extra,
-    }
 
 
 def write_log(path: Path, history: list[dict]) -> None:
