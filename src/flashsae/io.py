@@ -129,7 +129,7 @@ def finalize(work: Path, out: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, durable: bool = False, suffix: str = ""):
+def atomic_path(path: str | os.PathLike, *, durable: bool = False, suffix: str = "", mode: int = 0o666):
     """Yield a temporary sibling of `path` to write; it replaces `path` only once complete.
 
     Every file the package writes goes through here. A crash leaves the previous `path` or the new
@@ -137,13 +137,14 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False, suffix: str =
     `.NAME.tmp-PID` plus `suffix` (for writers that insist on an extension, like np.save), so
     leftovers of a killed process are recognisable. `durable` also flushes the file and its
     directory to disk (power loss). A full disk raises ArtifactError and keeps the previous `path`.
-    The file gets the usual permissions (0666 less the umask), whatever the writer created it with.
+    The file gets `mode` less the umask (0666: the usual permissions), whatever the writer created
+    it with.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode & ~_umask())
         if durable:
             _fsync_file(tmp)
         os.replace(tmp, path)
