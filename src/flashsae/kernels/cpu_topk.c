@@ -392,3 +392,12 @@ int flashsae_topk(const void *x, int64_t rows, int64_t n, int64_t ld, int64_t k,
     }
     return status;
 }
+
+/* 1 when this build has the AVX-512 paths, 0 for the portable one (reported by cpu_topk.build()). */
+int flashsae_topk_avx512(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -11,7 +11,8 @@ The shared library is built with the system C compiler (`$CC`, `cc` or `gcc`; `-
 plus `$FLASHSAE_CPU_TOPK_CFLAGS`) into a cache directory keyed by the source, the compiler and the
 CPU (`$FLASHSAE_CACHE`, else `$XDG_CACHE_HOME/flashsae`, else `~/.cache/flashsae`), written under a
 temporary name and renamed. Without a compiler, or when the build fails, `topk` quietly uses
-`torch.topk`; `FLASHSAE_KERNELS=reference` does too. `available()` says which one runs.
+`torch.topk`; `FLASHSAE_KERNELS=reference` does too. `build()` says which one runs: the AVX-512
+build, the portable one (no AVX-512 on the CPU or in the flags), or None for torch.topk.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,8 +63,13 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+class _Compiled(NamedTuple):
+    topk: Callable[..., int]  # flashsae_topk
+    build: str  # "avx512" or "portable"
+
+
 @functools.cache
-def _library():
+def _library() -> _Compiled | None:
     """The compiled library, or None when it cannot be built or loaded here."""
     cc = _compiler()
     if cc is None or not _SOURCE.exists():
@@ -86,19 +94,39 @@ def _library():
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return fn
+    lib.flashsae_topk_avx512.restype = ctypes.c_int
+    lib.flashsae_topk_avx512.argtypes = []
+    return _Compiled(fn, "avx512" if lib.flashsae_topk_avx512() else "portable")
 
 
-def _kernel():
-    """The compiled function, or None when it is unavailable or FLASHSAE_KERNELS=reference."""
+def _compiled() -> _Compiled | None:
+    """The compiled library, or None when it is unavailable or FLASHSAE_KERNELS=reference."""
     from flashsae.kernels import selection
 
     return None if selection.setting() == "reference" else _library()
 
 
+def _kernel():
+    """The compiled function, or None when torch.topk runs."""
+    compiled = _compiled()
+    return None if compiled is None else compiled.topk
+
+
+def build() -> str | None:
+    """Which compiled kernel `topk` runs here: "avx512", "portable", or None for torch.topk.
+
+    None without a compiler, when the build fails, or with FLASHSAE_KERNELS=reference.
+
+    Raises:
+        ConfigError: FLASHSAE_KERNELS has an unknown value, or is `triton` without triton installed.
+    """
+    compiled = _compiled()
+    return None if compiled is None else compiled.build
+
+
 def available() -> bool:
     """Whether `topk` runs the compiled kernel here (else it is torch.topk)."""
-    return _kernel() is not None
+    return build() is not None
 
 
 def topk(x: Tensor, k: int, *, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
