@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "preset": args.preset,
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python -m bench.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["python -m bench.compare", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(args.device),
         "versions": {DISTS[n]: package_version(DISTS[n]) for n in names},
         "data": data_desc,

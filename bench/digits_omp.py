@@ -9,7 +9,8 @@ FVU is measured in pixel units on the held-out rows. MiniBatchDictionaryLearning
 alpha=0.75, fit_algorithm="cd", batch_size=256, random_state=0, on raw rows (as given) and on
 rows centred with the training mean (a stronger baseline: flashsae has a decoder bias). Speed is
 training rows processed (repeats over epochs included) per second of `fit` wall time, both
-libraries on the same number of CPU threads, after one small warm-up fit of flashsae. Prints a markdown table; writes nothing.
+libraries on the same number of CPU threads, after one small warm-up fit of flashsae. Prints a
+markdown table; writes nothing.
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def bench_shape(name, N, d, n, k, *, device, dtype, time_ms, min_latents):
     row("decode fwd+bwd",
         lambda: torch.autograd.grad(reference.sparse_decode(values, idx, W_dec), [values, W_dec], g),
         lambda: torch.autograd.grad(triton_ops.sparse_decode(values, idx, W_dec), [values, W_dec], g), errs)
-    del W_dec, values, g, want_y, want_dv, want_dW
+    W_dec = values = g = want_y = want_dv = want_dW = None  # free them (the closures above are done)
 
     # ---- encoder: forward once per implementation, then time its backward alone
     x_c = randn(N, d).requires_grad_()
@@ -116,7 +116,7 @@ def bench_shape(name, N, d, n, k, *, device, dtype, time_ms, min_latents):
         return lambda: torch.autograd.grad(v, [x_c, W_enc, b_enc], gv, retain_graph=True)
 
     row("encoder bwd", enc_bwd(reference), enc_bwd(triton_ops), tuple(errs))
-    del outputs
+    outputs = None  # free the graphs
 
     # ---- selection on the bf16/fp32 pre-activations
     with torch.no_grad():

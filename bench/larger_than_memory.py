@@ -183,8 +183,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     speed = {m: float(np.median([r["rows_per_s"] for r in rows if r["mode"] == m])) for m in ("ram", "file")}
     file_row = next(r for r in rows if r["mode"] == "file")
+    peak_gib = max(r["peak_anon_gib"] for r in rows if r["mode"] == "file")
     print(f"throughput file / RAM (medians): {speed['file'] / speed['ram']:.2f}; peak anon RSS "
-          f"{max(r['peak_anon_gib'] for r in rows if r['mode'] == 'file'):.2f} GiB for a {file_row['data_gib']:.2f} GiB file")
+          f"{peak_gib:.2f} GiB for a {file_row['data_gib']:.2f} GiB file")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

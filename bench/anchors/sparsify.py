@@ -26,7 +26,7 @@ DIST = "eai-sparsify"
 def available() -> bool:
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its kernel choice at import
-            from sparsify import SaeConfig, Trainer, TrainConfig  # noqa: F401
+            from sparsify import SaeConfig, TrainConfig, Trainer  # noqa: F401
     except Exception:
         return False
     return True
@@ -78,7 +78,7 @@ class _IndexDataset(torch.utils.data.Dataset):
 
 
 def _build(spec: BenchSpec, settings: str, n_steps: int, model: _StandIn, save_dir: str):
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
 
     recommended = settings == "recommended"
     n_rows = model.rows.X.shape[0]

@@ -18,8 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 from flashsae import kernels, models  # noqa: E402
 from flashsae.config import TrainConfig  # noqa: E402
-from flashsae.kernels import reference  # noqa: E402
-from flashsae.kernels import triton_ops  # noqa: E402
+from flashsae.kernels import reference, triton_ops  # noqa: E402
 from flashsae.train.trainer import Trainer  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
