@@ -84,7 +84,8 @@ def _library() -> _Compiled | None:
             from flashsae import io
 
             target.parent.mkdir(parents=True, exist_ok=True)
-            with io.atomic_path(target, suffix=".so") as tmp:  # concurrent builds each rename a whole library
+            # concurrent builds each rename a whole library; 0777 less the umask, as the compiler writes it
+            with io.atomic_path(target, suffix=".so", mode=0o777) as tmp:
                 subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
                                timeout=120)
         lib = ctypes.CDLL(str(target))
