@@ -56,20 +56,22 @@ def test_every_sink_gets_every_log_row(tmp_path, rows, monkeypatch):
 
     lines = [json.loads(line) for line in (run_dir / io.JSONL_LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in lines] == steps == csv_steps(run_dir / io.LOG_FILE)
-    assert lines[-1]["fvu"] == pytest.approx(result.history[-1]["fvu"])
-    assert any(r["val_fvu"] is None for r in lines) and any(r["val_fvu"] is not None for r in lines)
+    assert lines[-1]["fvu_standardized"] == pytest.approx(result.history[-1]["fvu_standardized"])
+    val = [r["val_fvu_standardized"] for r in lines]
+    assert None in val and any(v is not None for v in val)
 
     events = EventAccumulator(str(run_dir / io.TENSORBOARD_DIR))
     events.Reload()
-    assert {"train/fvu", "train/l0", "val/fvu", "final/fvu"} <= set(events.Tags()["scalars"])
-    fvu = events.Scalars("train/fvu")
+    tags = {"train/fvu_standardized", "train/l0", "val/fvu_standardized", "final/fvu", "final/fvu_standardized"}
+    assert tags <= set(events.Tags()["scalars"])
+    fvu = events.Scalars("train/fvu_standardized")
     assert [e.step for e in fvu] == steps
-    assert fvu[-1].value == pytest.approx(result.history[-1]["fvu"], rel=1e-5)
+    assert fvu[-1].value == pytest.approx(result.history[-1]["fvu_standardized"], rel=1e-5)
     assert events.Scalars("final/fvu")[0].value == pytest.approx(result.metrics["fvu"], rel=1e-5)
 
     (run,) = fake.runs
     assert run.finished and run.kwargs["config"]["architecture"] == "topk"
-    assert [s for s, _ in run.logged] == steps and "train/fvu" in run.logged[-1][1]
+    assert [s for s, _ in run.logged] == steps and "train/fvu_standardized" in run.logged[-1][1]
     assert run.summary["fvu"] == result.metrics["fvu"]
 
     # Not images: no atlas or reconstructions.
@@ -115,8 +117,8 @@ def test_live_curves_wait_for_a_tenth_of_the_run(tmp_path, monkeypatch):
     curves = loggers.LiveCurves(tmp_path / "curves.png", history, total_steps=100)
     drawn = []
     for step in range(1, 31):
-        row = {"step": step, "rows_seen": 10 * step, "loss": 1.0, "fvu": 0.5, "l0": 4.0, "dead_fraction": 0.0,
-               "val_fvu": 0.5 if step % 4 == 0 else "", "val_l0": ""}
+        row = {"step": step, "rows_seen": 10 * step, "loss": 1.0, "fvu_standardized": 0.5, "l0": 4.0, "dead_fraction_window": 0.0,
+               "val_fvu_standardized": 0.5 if step % 4 == 0 else "", "val_l0": ""}
         history.append(row)
         curves.next_time = 0.0  # time throttle off: test the step spacing alone
         curves.log(row)

@@ -162,8 +162,8 @@ def test_live_curves_follow_the_clock_a_pass_gives_each_model(tmp_path, monkeypa
     drawn = []
     for step, t in zip(range(1, 5), (4.9, 5.0, 5.01, 1e6)):
         now[0] = t
-        history.append({"step": step, "rows_seen": 10 * step, "loss": 1.0, "fvu": 0.5, "l0": 4.0,
-                        "dead_fraction": 0.0, "val_fvu": 0.5, "val_l0": 4.0})
+        history.append({"step": step, "rows_seen": 10 * step, "loss": 1.0, "fvu_standardized": 0.5,
+                        "l0": 4.0, "dead_fraction_window": 0.0, "val_fvu_standardized": 0.5, "val_l0": 4.0})
         curves.log(history[-1])
         drawn.append(curves.last_step)
     assert drawn == [0, 2, 2, 4]  # not before 5 s of its own time, nor right after a redraw

@@ -16,8 +16,8 @@ def read_png(path):
 
 
 def test_training_curves_draws_every_panel(tmp_path):
-    history = [{"step": s, "rows_seen": 128 * s, "loss": 10 / s, "fvu": 1 / s, "l0": 8.0, "dead_fraction": 0.01 * s,
-                "val_fvu": 1.1 / s if s % 5 == 0 else "", "val_l0": 8.0 if s % 5 == 0 else ""} for s in range(1, 41)]
+    history = [{"step": s, "rows_seen": 128 * s, "loss": 10 / s, "fvu_standardized": 1 / s, "l0": 8.0, "dead_fraction_window": 0.01 * s,
+                "val_fvu_standardized": 1.1 / s if s % 5 == 0 else "", "val_l0": 8.0 if s % 5 == 0 else ""} for s in range(1, 41)]
     plots.training_curves(history, tmp_path / "curves.png")
     img = read_png(tmp_path / "curves.png")
     assert img.shape[1] > img.shape[0] > 300  # 2x2 panels, wider than tall
@@ -54,3 +54,20 @@ def test_image_runs_get_atoms_curves_and_reconstructions(digits_run):
     run_dir, _ = digits_run
     for name in (io.CURVES_FILE, io.ATLAS_FILE, io.RECONSTRUCTIONS_FILE):
         read_png(run_dir / name)
+
+
+def test_row_count_tick_labels_are_short_and_few():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for top in (1_800, 250_000, 2_000_000, 45_000_000):
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.plot([0, top], [1, 0])
+        plots.short_tick_labels(ax.xaxis)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        plt.close(fig)
+        assert 2 <= len(labels) <= 7 and max(map(len, labels)) <= 5, (top, labels)
+    assert [plots.short_number(x) for x in (0, 500, 50_000, 1_500_000, 2e9)] == ["0", "500", "50k", "1.5M", "2G"]

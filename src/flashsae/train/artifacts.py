@@ -12,8 +12,13 @@ import numpy as np
 
 from flashsae import io
 
-LOG_COLUMNS = ("step", "rows_seen", "loss", "mse", "fvu", "l0", "aux_loss", "dead_fraction", "lr",
-               "val_fvu", "val_l0", "elapsed_s")
+LOG_COLUMNS = ("step", "rows_seen", "loss", "mse", "fvu_standardized", "l0", "aux_loss", "dead_fraction_window",
+               "lr", "val_fvu_standardized", "val_l0", "elapsed_s")
+"""train_log.csv's columns. The FVU of a log row is of the standardised rows the model trains on
+(metrics.json's `fvu_standardized`), on the training batches since the last row or (`val_`) on the
+held-out rows; `dead_fraction_window` counts latents that did not fire in the last
+`dead_after_rows` training rows (what AuxK revives), unlike metrics.json's `dead_fraction`
+(latents that never fired on the evaluated rows)."""
 
 
 def write_log(path: Path, history: list[dict]) -> None:

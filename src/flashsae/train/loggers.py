@@ -18,9 +18,9 @@ from flashsae.errors import ConfigError
 WANDB_PROJECT = "flashsae"
 
 # Log-row keys and where they appear in TensorBoard / W&B ("" means the row has no value yet).
-_SCALARS = {"loss": "train/loss", "mse": "train/mse", "fvu": "train/fvu", "l0": "train/l0",
-            "aux_loss": "train/aux_loss", "dead_fraction": "train/dead_fraction", "lr": "train/lr",
-            "val_fvu": "val/fvu", "val_l0": "val/l0"}
+_SCALARS = {"loss": "train/loss", "mse": "train/mse", "fvu_standardized": "train/fvu_standardized",
+            "l0": "train/l0", "aux_loss": "train/aux_loss", "dead_fraction_window": "train/dead_fraction_window",
+            "lr": "train/lr", "val_fvu_standardized": "val/fvu_standardized", "val_l0": "val/l0"}
 
 
 def require_tensorboard():
@@ -117,7 +117,7 @@ class LiveCurves:
         self.next_time = clock() + LIVE_CURVES_AFTER_S
 
     def log(self, row: dict) -> None:
-        if row.get("val_fvu") in ("", None) or row["step"] - self.last_step < self.min_steps:
+        if row.get("val_fvu_standardized") in ("", None) or row["step"] - self.last_step < self.min_steps:
             return
         if self.clock() < self.next_time:
             return

@@ -124,7 +124,7 @@ def _shares(step_s: list[float], wall: float) -> list[float]:
 def _postfix(bar, active: list[TrainingRun]) -> None:
     if len(active) == 1 and active[0].state.history:
         row = active[0].state.history[-1]
-        bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", refresh=False)
+        bar.set_postfix(fvu_std=f"{row['fvu_standardized']:.3f}", l0=f"{row['l0']:.1f}", refresh=False)
 
 
 def _step_all(active: list[TrainingRun], batch: dict, pool: ThreadPoolExecutor | None, n_workers: int) -> list[float]:

@@ -162,9 +162,9 @@ class TrainingRun:
         loss, mse, var, l0, aux = comm.all_reduce_mean_(self._acc / self._n_acc).tolist()  # one device read
         self._acc, self._n_acc = None, 0
         row = {"step": state.step, "rows_seen": state.rows_seen, "loss": loss, "mse": mse,
-               "fvu": mse / max(var, 1e-12), "l0": l0, "aux_loss": aux,
-               "dead_fraction": float(trainer.dead_mask().float().mean()),
-               "lr": trainer.optimizer.param_groups[0]["lr"], "val_fvu": "", "val_l0": "",
+               "fvu_standardized": mse / max(var, 1e-12), "l0": l0, "aux_loss": aux,
+               "dead_fraction_window": float(trainer.dead_mask().float().mean()),
+               "lr": trainer.optimizer.param_groups[0]["lr"], "val_fvu_standardized": "", "val_l0": "",
                "elapsed_s": round(state.elapsed, 3)}
         trainer.refresh_aux()
         eval_s = 0.0
@@ -175,7 +175,7 @@ class TrainingRun:
             eval_s = time.perf_counter() - t
             # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
             fvu, l0 = comm.broadcast_(torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
-            row["val_fvu"], row["val_l0"] = fvu, l0
+            row["val_fvu_standardized"], row["val_l0"] = fvu, l0
             if fvu < state.best * (1 - 1e-3):
                 state.best, state.since_best = fvu, 0
             else:

@@ -28,18 +28,19 @@ def _save(fig, path: Path, *, trim: bool = True) -> None:
 
 
 def training_curves(history: list[dict], path: Path) -> None:
-    """Loss, FVU, L0 and dead fraction against rows seen (2x2 panels)."""
+    """Loss, FVU (standardised), L0 and the dead fraction of the training window against rows seen (2x2)."""
     plt = _pyplot()
     rows = np.array([h["rows_seen"] for h in history], dtype=float)
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
     # Fixed margins: tight_layout measured every tick label and took 40% of the drawing time.
     fig.subplots_adjust(left=0.08, right=0.985, bottom=0.08, top=0.95, wspace=0.22, hspace=0.38)
-    panels = [("loss", "training loss", True), ("fvu", "FVU", True), ("l0", "L0 (active latents per row)", False),
-              ("dead_fraction", "dead fraction", False)]
+    panels = [("loss", "training loss", True), ("fvu_standardized", "FVU of the standardised rows", True),
+              ("l0", "L0 (active latents per row)", False),
+              ("dead_fraction_window", "dead fraction (no firing in the last dead_after_rows rows)", False)]
     for ax, (key, title, log) in zip(axes.flat, panels):
         ys = np.array([h.get(key, np.nan) for h in history], dtype=float)
         ax.plot(rows, ys, label="train")
-        if key in ("fvu", "l0"):
+        if key in ("fvu_standardized", "l0"):
             val = [(r, h.get(f"val_{key}")) for r, h in zip(rows, history) if h.get(f"val_{key}") not in ("", None)]
             if val:
                 vr, vy = zip(*val)
@@ -50,6 +51,7 @@ def training_curves(history: list[dict], path: Path) -> None:
             _plain_log_labels(ax.yaxis)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rows seen", fontsize=8)
+        short_tick_labels(ax.xaxis)
         ax.grid(alpha=0.3)
     _save(fig, path, trim=False)
     plt.close(fig)
@@ -89,6 +91,22 @@ class _Mosaic:
     def draw(self, ax) -> None:
         ax.imshow(self.canvas, interpolation="nearest")
         ax.set_axis_off()
+
+
+def short_tick_labels(axis) -> None:
+    """Tick labels like 50k, 1.5M: at most five, so long row counts never run into each other."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+    axis.set_major_formatter(FuncFormatter(lambda x, pos=None: short_number(x)))
+
+
+def short_number(x: float) -> str:
+    """50000 -> 50k, 1500000 -> 1.5M."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
 
 
 def _plain_log_labels(axis) -> None:
