@@ -6,12 +6,16 @@ import torch
 from safetensors.torch import save_file
 
 import flashsae
-from flashsae import interop, io
+from flashsae import interop, io, models
 from flashsae.errors import ArtifactError, ConfigError
 from flashsae.preprocess import Standardizer
 
 D_IN, D_SAE = 12, 48
-EXPORTABLE = {"topk": {"k": 5}, "batchtopk": {"k": 5}, "jumprelu": {}, "relu-l1": {}, "contractive": {}}
+EXPORTABLE = [name for name in models.names() if models.get(name).saelens_architecture is not None]
+
+
+def small_options(arch: str) -> dict:
+    return {"k": 5} if arch in models.options().get("k", {}) else {}
 
 
 def saved_run(path, arch: str, *, standardize: str = "column", **options):
@@ -25,9 +29,9 @@ def saved_run(path, arch: str, *, standardize: str = "column", **options):
     with torch.no_grad():
         model.b_enc.normal_(0, 0.3)
         model.b_dec.normal_(0, 0.3)
-        if arch == "jumprelu":
+        if hasattr(model, "log_threshold"):  # jumprelu: thresholds that zero some codes
             model.log_threshold.copy_(torch.rand(D_SAE).add(0.2).log())
-        if arch == "batchtopk":
+        if isinstance(getattr(model, "threshold", None), torch.Tensor):  # batchtopk
             model.threshold.fill_(0.4)
     config = interop._run_config(model, {"format": "test"})
     config["preprocess"] = {"mode": standardize}
@@ -41,14 +45,21 @@ def rows(n=200):
     return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(1)) * 1.5
 
 
-@pytest.mark.parametrize("arch", sorted(EXPORTABLE))
+def test_every_saelens_architecture_exported_has_one_importer():
+    exported = {models.get(name).saelens_architecture for name in EXPORTABLE}
+    importers = [models.get(name).saelens_architecture for name in models.names() if models.get(name).saelens_imports]
+    assert sorted(importers) == sorted(set(importers)) and exported == set(importers)
+    assert exported == {"standard", "topk", "jumprelu"}  # SAELens's inference architectures
+
+
+@pytest.mark.parametrize("arch", EXPORTABLE)
 @pytest.mark.parametrize("standardize", ["none", "column"])
 def test_export_import_round_trip(tmp_path, arch, standardize):
-    model = saved_run(tmp_path / "run", arch, standardize=standardize, **EXPORTABLE[arch])
+    model = saved_run(tmp_path / "run", arch, standardize=standardize, **small_options(arch))
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
-    saelens_arch = {"topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}.get(arch, "standard")
-    assert cfg["architecture"] == saelens_arch
+    assert cfg["architecture"] == type(model).saelens_architecture
+    assert cfg["metadata"]["flashsae_architecture"] == arch
     from safetensors.torch import load_file
 
     w = load_file(tmp_path / "sl" / "sae_weights.safetensors")
@@ -117,8 +128,19 @@ def test_import_errors(tmp_path):
     with pytest.raises(ArtifactError, match="pick one: layers.3"):
         interop.import_dir(tmp_path / "many", tmp_path / "r3")
     saved_run(tmp_path / "kl", "kl")
-    with pytest.raises(ConfigError, match="no SAELens equivalent"):
+    with pytest.raises(ConfigError, match="architecture 'kl' has no SAELens equivalent; exportable: batchtopk"):
         interop.export_saelens(tmp_path / "kl", tmp_path / "kl-out")
+    saved_run(tmp_path / "gated", "topk", k=4)
+    interop.export_saelens(tmp_path / "gated", tmp_path / "gated-sl")
+    cfg = json.loads((tmp_path / "gated-sl" / "cfg.json").read_text())
+    (tmp_path / "gated-sl" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(ArtifactError, match=r"SAELens architecture 'gated' has no flashsae equivalent "
+                                            r"\(supported: jumprelu, standard, topk\)"):
+        interop.import_dir(tmp_path / "gated-sl", tmp_path / "r4")
+    (tmp_path / "gated-sl" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "standard",
+                                                                "activation_fn": "tanh"}))
+    with pytest.raises(ArtifactError, match="cfg.json: activation 'tanh' is not supported for standard SAEs"):
+        interop.import_dir(tmp_path / "gated-sl", tmp_path / "r5")
     saved_run(tmp_path / "deep", "topk", k=4, encoder_hidden=(8,))
     with pytest.raises(ConfigError, match="hidden layers"):
         interop.export_saelens(tmp_path / "deep", tmp_path / "deep-out")
@@ -146,10 +168,10 @@ def test_saelens_variants_fold_exactly(tmp_path):
     torch.testing.assert_close(model.decode(model.encode(x)), recon, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk", "relu-l1"])
+@pytest.mark.parametrize("arch", EXPORTABLE)
 def test_real_saelens_loads_the_export(tmp_path, arch):
     sae_lens = pytest.importorskip("sae_lens")
-    model = saved_run(tmp_path / "run", arch, **EXPORTABLE[arch])
+    model = saved_run(tmp_path / "run", arch, **small_options(arch))
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
     x = rows()

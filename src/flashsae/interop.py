@@ -3,8 +3,9 @@
 SAELens (6.x) directory: `cfg.json` (d_in, d_sae, dtype, device, apply_b_dec_to_input,
 normalize_activations, reshape_activations, metadata, architecture standard/topk/jumprelu, k for
 topk) and `sae_weights.safetensors` with W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in),
-b_dec (d_in) and threshold (d_sae) for jumprelu. SAELens saves BatchTopK SAEs for inference as
-JumpReLU with one threshold per latent; so does this export.
+b_dec (d_in) and threshold (d_sae) for jumprelu. Each architecture's class says what it exports
+as and what it reads back (`saelens_architecture`, `saelens_extras`, `saelens_options`,
+`saelens_tensors`, see flashsae.models.base): this module has no per-architecture code.
 sparsify directory: `cfg.json` (activation topk/groupmax, k, num_latents or expansion_factor, d_in,
 normalize_decoder, skip_connection, transcode) and `sae.safetensors` with encoder.weight
 (d_sae, d_in), encoder.bias, W_dec (d_sae, d_in), b_dec.
@@ -30,9 +31,6 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_CFG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6 reads it as is)
-# flashsae architecture -> SAELens inference architecture
-_TO_SAELENS = {"topk": "topk", "relu-l1": "standard", "contractive": "standard", "jumprelu": "jumprelu",
-               "batchtopk": "jumprelu"}
 
 
 @torch.no_grad()
@@ -58,29 +56,26 @@ def raw_weights(model) -> dict[str, Tensor]:
 def export_saelens(run_dir, out, *, overwrite: bool = False) -> Path:
     """Write the model in `run_dir` as a SAELens directory `out` (cfg.json + sae_weights.safetensors).
 
+    Each architecture says what it exports as (`saelens_architecture`, `saelens_extras()`).
+
     Raises:
         ConfigError: the architecture has no SAELens equivalent, or `out` exists.
     """
     model = io.load(run_dir)
     arch = model.architecture
-    if arch not in _TO_SAELENS:
-        raise ConfigError(f"architecture {arch!r} has no SAELens equivalent; exportable: "
-                          f"{', '.join(sorted(_TO_SAELENS))}")
+    if type(model).saelens_architecture is None:
+        exportable = [name for name in models.names() if models.get(name).saelens_architecture is not None]
+        raise ConfigError(f"architecture {arch!r} has no SAELens equivalent; exportable: {', '.join(exportable)}")
     w = raw_weights(model)
     tensors = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
-    target = _TO_SAELENS[arch]
+    extra_cfg, extra_tensors = model.saelens_extras()
     cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
                         "exported_by": f"flashsae {io.library_version()}", "flashsae_architecture": arch,
                         **_hook_metadata(model.run_config)},
-           "architecture": target}
-    if arch == "topk":
-        cfg.update(k=model.cfg.k, rescale_acts_by_decoder_norm=False)
-    if arch == "jumprelu":
-        tensors["threshold"] = model.log_threshold.detach().float().cpu().exp()
-    elif arch == "batchtopk":
-        tensors["threshold"] = model.threshold.detach().float().cpu().expand(model.d_sae).clone()
+           "architecture": type(model).saelens_architecture, **extra_cfg}
+    tensors.update(extra_tensors)
     return _publish(Path(out), overwrite, {SAELENS_CFG: cfg}, SAELENS_WEIGHTS, tensors)
 
 
@@ -124,42 +119,31 @@ def load_saelens(path) -> "models.SparseAutoencoder":
         if act == "topk":
             cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
     where = path / SAELENS_CFG
-    if arch not in ("standard", "topk", "jumprelu"):
-        raise ArtifactError(f"{where}: SAELens architecture {arch!r} has no flashsae equivalent "
-                            "(supported: standard, topk, jumprelu)")
+    cls = _saelens_importer(arch, where)
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ArtifactError(f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
                             "fold the normalisation into the weights first")
-    act = cfg.get("activation_fn") or "relu"
-    if arch == "standard" and act != "relu":
-        raise ArtifactError(f"{where}: activation {act!r} is not supported for standard SAEs (only relu)")
+    try:
+        arch_options = cls.saelens_options(cfg)
+    except ArtifactError as e:
+        raise ArtifactError(f"{where}: {e}") from None
     scaling = t.pop("scaling_factor", t.pop("finetuning_scaling_factor", None))
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ArtifactError(f"{where}: a finetuning scaling factor is not supported")
-    needed = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
-    _require(t, needed, path / SAELENS_WEIGHTS)
+    _require(t, ("W_enc", "b_enc", "W_dec", "b_dec", *cls.saelens_tensors), path / SAELENS_WEIGHTS)
     W_enc, b_enc, W_dec, b_dec = t["W_enc"].T.contiguous(), t["b_enc"], t["W_dec"], t["b_dec"]
     if not cfg.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc: move b_dec out of the encoder
         b_enc = b_enc + W_enc @ b_dec
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):  # fold ||W_dec_j|| into the encoder
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens (TopK SAEs) scales pre-activations by ||W_dec_j|| and divides codes by it before
+        # decoding: the same as encoder rows times the norms and unit decoder rows.
         norms = W_dec.norm(dim=-1).clamp_min(1e-8)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
     d_sae, d_in = W_dec.shape
-    options = {"d_in": d_in, "d_sae": d_sae, "normalize_decoder": _unit_rows(W_dec)}
-    if arch == "topk":
-        name = "topk"
-        options["k"] = int(cfg["k"])
-    elif arch == "jumprelu":
-        name = "jumprelu"
-    else:
-        name = "relu-l1"
-        options["l1"] = float(cfg.get("l1_coefficient", 0.0) or 0.0)
-    model = models.build(name, **options)
+    model = models.build(cls.architecture, d_in=d_in, d_sae=d_sae, normalize_decoder=_unit_rows(W_dec),
+                         **arch_options)
     _set(model, W_enc, b_enc, W_dec, b_dec)
-    if arch == "jumprelu":
-        # flashsae: z * (z > theta) with z = relu(pre), theta = exp(log_threshold); SAELens: relu(pre) *
-        # (pre > threshold). Equal for threshold > 0; a threshold <= 0 means plain ReLU, i.e. theta -> 0.
-        model.log_threshold.copy_(t["threshold"].clamp_min(1e-30).log())
+    model.load_saelens_tensors({name: t[name] for name in cls.saelens_tensors})
     meta = cfg.get("metadata") or {}
     model.imported = {"architecture": arch, "hook_name": meta.get("hook_name") or cfg.get("hook_name"),
                       "model_name": meta.get("model_name") or cfg.get("model_name")}
@@ -190,6 +174,16 @@ def load_sparsify(path) -> "models.SparseAutoencoder":
     _set(model, W_enc, t["encoder.bias"], W_dec, t["b_dec"])
     model.imported = {"architecture": activation, "multi_topk": bool(cfg.get("multi_topk", False))}
     return model.eval()
+
+
+def _saelens_importer(arch: str, where: Path) -> type["models.SparseAutoencoder"]:
+    """The registered architecture that SAELens SAEs of architecture `arch` import as."""
+    importers = {models.get(name).saelens_architecture: models.get(name) for name in models.names()
+                 if models.get(name).saelens_imports}
+    if arch not in importers:
+        raise ArtifactError(f"{where}: SAELens architecture {arch!r} has no flashsae equivalent "
+                            f"(supported: {', '.join(sorted(importers))})")
+    return importers[arch]
 
 
 def _set(model, W_enc, b_enc, W_dec, b_dec) -> None:

@@ -1,4 +1,7 @@
 """Every registered architecture: shapes, exact small cases, penalties, no host sync in the step."""
+import dataclasses
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -13,15 +16,63 @@ ARCHS = models.names()
 
 
 def build(arch, d_in=12, d_sae=40, **kw):
-    if arch in ("topk", "batchtopk"):
+    if arch in models.options().get("k", {}):
         kw.setdefault("k", 3)
     return models.build(arch, d_in=d_in, d_sae=d_sae, **kw)
 
 
-def test_registry_lists_every_architecture():
-    assert set(ARCHS) == {"relu-l1", "kl", "contractive", "topk", "batchtopk", "jumprelu"}
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_documents_itself(arch):
+    """The docs tables, --help and the estimator's parameters are made from these."""
+    cls = models.get(arch)
+    assert cls.architecture == arch and (cls.__doc__ or "").strip(), f"{arch}: write a class docstring"
+    from flashsae.config import field_docs
+
+    shared = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    own = {f.name for f in dataclasses.fields(cls.config_cls)} - shared
+    assert own <= set(field_docs(cls.config_cls)), f"{arch}: every config field needs a docstring"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TinyConfig(models.ModelConfig):
+    gain: float = 2.0
+    """A made-up option."""
+
+
+class _Tiny(models.SparseAutoencoder):
+    """ReLU codes."""
+
+    config_cls = _TinyConfig
+
+    def activate(self, pre_acts):
+        return torch.relu(pre_acts), pre_acts.new_zeros(())
+
+
+def test_registry_lookup_and_temporary_registration():
     with pytest.raises(ConfigError, match="unknown architecture 'nope'; choose one of"):
         models.get("nope")
+    before = models.names()
+    with models.registered("tiny-test", _Tiny):
+        assert "tiny-test" in models.names() and models.get("tiny-test") is _Tiny
+        assert models.options()["gain"] == {"tiny-test": 2.0}
+        assert models.options()["normalize_decoder"]["tiny-test"] is True
+        with pytest.raises(RuntimeError, match="architecture 'tiny-test' registered twice"):
+            models.register("tiny-test")(_Tiny)
+    assert models.names() == before and "gain" not in models.options()
+    models.register("tiny-test")(_Tiny)
+    assert models.unregister("tiny-test") is _Tiny and models.names() == before
+    with pytest.raises(ConfigError, match="unknown architecture 'tiny-test'"):
+        models.unregister("tiny-test")
+
+
+@pytest.mark.parametrize("name, cls, match", [
+    ("Tiny_Test", _Tiny, "must be lowercase-hyphenated"),
+    ("tiny-test", torch.nn.Module, "config_cls must be a dataclass derived from ModelConfig"),
+])
+def test_register_refuses(name, cls, match):
+    with pytest.raises(RuntimeError, match=match):
+        models.register(name)(cls)
+    assert name not in models.names()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -18,12 +18,9 @@ ARCH_CASES = {
 FAST = dict(latents=128, rows=60_000, batch_size=256, lr=3e-3, quiet=True)
 
 
-def test_every_architecture_has_a_case():
-    assert set(ARCH_CASES) == set(models.names())
-
-
-@pytest.mark.parametrize("arch", sorted(ARCH_CASES))
+@pytest.mark.parametrize("arch", models.names())
 def test_architecture_learns_planted_dictionary(arch, small_synthetic):
+    assert arch in ARCH_CASES, f"add {arch!r} to ARCH_CASES: its options and the held-out FVU it must beat"
     X, _ = small_synthetic
     opts, threshold = ARCH_CASES[arch]
     _, result = flashsae.train(X, arch=arch, **FAST, **opts)

@@ -1,10 +1,10 @@
 """SAE architectures, registered by name. Importing this package registers every architecture."""
 from flashsae.models import _all  # noqa: F401
 from flashsae.models.base import ForwardOutput, ModelConfig, SparseAutoencoder, SparseCodes
-from flashsae.models.registry import get, names, register
+from flashsae.models.registry import DEFAULT, get, names, options, register, registered, unregister
 
-__all__ = ["ForwardOutput", "ModelConfig", "SparseAutoencoder", "SparseCodes", "get", "names", "register",
-           "build"]
+__all__ = ["ForwardOutput", "ModelConfig", "SparseAutoencoder", "SparseCodes", "DEFAULT", "get", "names", "options",
+           "register", "registered", "unregister", "build"]
 
 
 def build(architecture: str, standardizer=None, **options) -> SparseAutoencoder:

@@ -84,6 +84,12 @@ class SparseAutoencoder(nn.Module):
     # reads and reconstructs x; a model that maps one activation to another reads x and writes y.
     inputs: tuple[str, ...] = ("x",)
     targets: tuple[str, ...] = ("x",)
+    # SAELens's format (flashsae.interop): the SAELens inference architecture this model exports as
+    # (standard, topk or jumprelu), None when it has none (export refuses); and whether SAELens SAEs
+    # of that architecture import as this one (one flashsae architecture per SAELens architecture).
+    saelens_architecture: str | None = None
+    saelens_imports = False
+    saelens_tensors: tuple[str, ...] = ()  # tensors beyond W_enc, b_enc, W_dec, b_dec in its files
 
     def __init__(self, cfg: ModelConfig, standardizer: Standardizer | None = None):
         super().__init__()
@@ -226,6 +232,28 @@ class SparseAutoencoder(nn.Module):
             eye = torch.eye(self.d_sae, device=self.W_dec.device)
             return self.decode(eye) - base
         return self.W_dec * self.out_standardizer.scale
+
+    # ---- SAELens's format (flashsae.interop) ---------------------------------------------------
+    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
+        """cfg.json fields and the `saelens_tensors` of the export, beyond what every export writes.
+
+        Tensors act on pre-activations, which the export leaves unchanged when it folds the
+        standardisation into the weights.
+        """
+        return {}, {}
+
+    @classmethod
+    def saelens_options(cls, cfg: dict) -> dict:
+        """Config options (besides d_in, d_sae, normalize_decoder) of a SAELens SAE, from its cfg.json.
+
+        Raises:
+            ArtifactError: the SAE uses a variant this architecture cannot represent.
+        """
+        return {}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Set this model's own parameters from the `saelens_tensors` of a SAELens file."""
 
 
 def _kaiming(fan_out: int, fan_in: int) -> Tensor:

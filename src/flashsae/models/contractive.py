@@ -28,6 +28,7 @@ class ContractiveSAE(SparseAutoencoder):
     """h = relu(encoder(x)); closed-form Jacobian norm for one layer, exact layer products when deep."""
 
     config_cls = ContractiveConfig
+    saelens_architecture = "standard"  # inference is ReLU(W_enc (x - b_dec) + b_enc); the penalty only trains
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         h = x - self.b_dec

@@ -72,11 +72,26 @@ class JumpReLUConfig(ModelConfig):
 
 @register("jumprelu")
 class JumpReLUSAE(SparseAutoencoder):
+    """ReLU codes zeroed below a learned per-latent threshold, trained with an L0 penalty through
+    straight-through estimators (Rajamanoharan et al., 2024)."""
+
     config_cls = JumpReLUConfig
+    saelens_architecture = "jumprelu"
+    saelens_imports = True
+    saelens_tensors = ("threshold",)
 
     def __init__(self, cfg, standardizer=None):
         super().__init__(cfg, standardizer)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+
+    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
+        return {}, {"threshold": self.log_threshold.detach().float().cpu().exp()}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        # flashsae: z * (z > theta) with z = relu(pre), theta = exp(log_threshold); SAELens: relu(pre) *
+        # (pre > threshold). Equal for threshold > 0; a threshold <= 0 means plain ReLU, i.e. theta -> 0.
+        self.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
 
     def activate(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         z = torch.relu(pre_acts)

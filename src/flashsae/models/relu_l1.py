@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flashsae.errors import ConfigError
+from flashsae.errors import ArtifactError, ConfigError
 from flashsae.models import penalties
 from flashsae.models.base import ModelConfig, SparseAutoencoder
 from flashsae.models.registry import register
@@ -28,6 +28,15 @@ class ReluL1SAE(SparseAutoencoder):
     """h = relu(W_enc (x - b_dec) + b_enc), loss ||x - x_hat||^2 + l1 * sum_i h_i."""
 
     config_cls = ReluL1Config
+    saelens_architecture = "standard"
+    saelens_imports = True
+
+    @classmethod
+    def saelens_options(cls, cfg: dict) -> dict:
+        act = cfg.get("activation_fn") or "relu"
+        if act != "relu":
+            raise ArtifactError(f"activation {act!r} is not supported for standard SAEs (only relu)")
+        return {"l1": float(cfg.get("l1_coefficient", 0.0) or 0.0)}
 
     def activate(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         codes = torch.relu(pre_acts)

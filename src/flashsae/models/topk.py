@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from flashsae import kernels
+from flashsae.errors import ArtifactError, ConfigError
 from flashsae.kernels import cpu_topk
-from flashsae.errors import ConfigError
 from flashsae.models.base import ForwardOutput, ModelConfig, SparseAutoencoder, SparseCodes
 from flashsae.models.registry import register
 
@@ -63,6 +63,17 @@ class TopKSAE(SparseAutoencoder):
 
     config_cls = TopKConfig
     k_limited = True
+    saelens_architecture = "topk"
+    saelens_imports = True
+
+    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
+        return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}, {}
+
+    @classmethod
+    def saelens_options(cls, cfg: dict) -> dict:
+        if cfg.get("k") is None:
+            raise ArtifactError("a topk SAE needs k")
+        return {"k": int(cfg["k"])}
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         cfg = self.cfg
@@ -92,10 +103,16 @@ class BatchTopKSAE(SparseAutoencoder):
 
     config_cls = BatchTopKConfig
     k_limited = True
+    # SAELens saves BatchTopK SAEs for inference as JumpReLU, with the global threshold on every latent.
+    saelens_architecture = "jumprelu"
+    saelens_tensors = ("threshold",)
 
     def __init__(self, cfg, standardizer=None):
         super().__init__(cfg, standardizer)
         self.register_buffer("threshold", torch.zeros(()))
+
+    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
+        return {}, {"threshold": self.threshold.detach().float().cpu().expand(self.d_sae).clone()}
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         cfg = self.cfg
