@@ -180,9 +180,40 @@ def test_bad_flag_exits_2(capsys):
 
 
 def test_help_lists_generated_flags(capsys):
+    from flashsae import models
+
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--latents", "--k", "--l1", "--beta", "--contractive", "--encoder-hidden", "--standardize",
-                 "--drop-nonfinite", "--checkpoint-every", "--resume", "examples:"):
+    model_flags = ["--" + name.replace("_", "-") for name in models.options() if name != "d_sae"]
+    for flag in ("--latents", *model_flags, "--standardize", "--drop-nonfinite", "--checkpoint-every", "--resume",
+                 "examples:"):
         assert flag in out
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_help_groups_model_options_by_architecture_with_their_defaults(command):
+    """A flag sits in the group of the architectures that have it; its help gives each one's default."""
+    import argparse
+    import dataclasses
+
+    from flashsae import models
+    from flashsae.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    title = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    help_text = {a.dest: " ".join(a.help.split()) for a in parser._actions}
+    shared = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    for name, per_arch in models.options().items():
+        if name in shared:
+            assert title[name] == "model", name
+        else:
+            assert title[name].endswith(" options") and set(per_arch) == set(
+                title[name].removesuffix(" options").replace(" and ", ", ").split(", ")), (name, title[name])
+        for arch, default in per_arch.items():
+            if default not in (None, (), dataclasses.MISSING):
+                assert f"default: {default}" in help_text[name] or f"{arch}: {default}" in help_text[name], \
+                    (name, arch, help_text[name])
+    assert title["k"] == "batchtopk and topk options" and "(default: 8)" in help_text["k"]
+    assert "(default: True; kl: False)" in help_text["normalize_decoder"]

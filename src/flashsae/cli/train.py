@@ -48,22 +48,15 @@ def add_log_flags(p) -> None:
 
 
 def add_option_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> None:
-    """Model, data and training flags generated from the config dataclasses.
+    """Model, data and training flags generated from the config dataclasses (model flags from the registry).
 
     `wrap(group)` may return a stand-in whose `add_argument` adjusts each flag (flashsae sweep lets
     every option take several values).
     """
-    from flashsae import models
-    from flashsae.cli.common import add_dataclass_flags
+    from flashsae.cli.common import add_dataclass_flags, add_model_flags
     from flashsae.config import DataConfig, TrainConfig
 
-    g = wrap(p.add_argument_group("model"))
-    g.add_argument("--arch", dest="architecture", default=argparse.SUPPRESS, choices=models.names(),
-                   help="architecture (default: topk)")
-    seen: set[str] = {"d_in"}
-    add_dataclass_flags(g, models.ModelConfig, skip={"d_in"}, names={"d_sae": "latents"}, seen=seen)
-    for name in models.names():
-        add_dataclass_flags(g, models.get(name).config_cls, seen=seen)
+    add_model_flags(p, wrap)
     add_dataclass_flags(wrap(p.add_argument_group("data")), DataConfig, skip={"data"})
     add_dataclass_flags(wrap(p.add_argument_group("training")), TrainConfig)
 
