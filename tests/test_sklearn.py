@@ -128,9 +128,20 @@ def test_only_relevant_options_reach_train(X, monkeypatch, architecture, given, 
     seen = {}
     monkeypatch.setattr(run_module, "train", lambda data, **options: seen.update(options) or (None, None))
     _fast(architecture=architecture, **given).fit(X)
-    assert {name: seen[name] for name in ("k", "l1", "beta", "rho", "l0", "contractive") if name in seen} == passed
+    model_options = set(flashsae.models.options()) - {"d_sae", "encoder_hidden", "decoder_hidden"}
+    assert {name: seen[name] for name in model_options if name in seen} == passed
     assert seen["d_sae"] == 32 and seen["val_fraction"] == 0.0 and seen["seed"] == 0
     assert "lr" not in seen and "encoder_hidden" not in seen
+
+
+def test_every_model_option_is_a_parameter():
+    params = SparseAutoencoder().get_params()
+    hidden = {"encoder_hidden": (), "decoder_hidden": ()}
+    for name in flashsae.models.options():
+        if name != "d_sae":
+            assert params[name] == hidden.get(name), name  # None keeps the architecture's default
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kk'; model options are the config fields"):
+        SparseAutoencoder(kk=3)
 
 
 def test_fewer_rows_than_a_batch(X):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import numbers
+import types
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,11 +29,48 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return estimator._validate_data(X, **kwargs)
 
 TRANSFORM_ALGORITHMS = ("encoder", "omp")
-# Architecture-specific options: passed to train() only when set and when the architecture has them.
-_MODEL_OPTIONS = ("k", "l1", "beta", "rho", "contractive", "l0")
 _DTYPES = [np.float64, np.float32]
 _CHUNK_ROWS = 4096
 _DEFAULT_N_NONZERO = 8
+
+
+class _WithModelOptions:
+    """Wraps `__init__` so that its signature names every model option registered now.
+
+    scikit-learn reads an estimator's parameters from the signature of `__init__` (`get_params`,
+    `clone`, `set_params`, the estimator checks). The wrapped function takes the model options as
+    `**model_options`; the signature shown instead lists them as keyword-only parameters with
+    default None, asked of the architecture registry on each call, so an architecture registered
+    after this module was imported brings its options along.
+    """
+
+    def __init__(self, func):
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.own = frozenset(p.name for p in inspect.signature(func).parameters.values()
+                             if p.name != "self" and p.kind != p.VAR_KEYWORD)
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(self.func)
+        params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in _model_options()]
+        return sig.replace(parameters=params)
+
+
+def _model_options() -> list[str]:
+    """The estimator's model-option parameters: the config fields of every registered architecture
+    except d_in (from the data), d_sae (`n_components`) and those that are explicit parameters."""
+    from flashsae import models
+
+    own = SparseAutoencoder.__init__.own
+    return sorted(name for name in models.options() if name != "d_sae" and name not in own)
 
 
 class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -43,26 +83,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     Parameters
     ----------
     architecture : str, default="topk"
-        Registered architecture: "topk", "batchtopk", "relu-l1", "jumprelu", "kl" or
-        "contractive" (see ``flashsae.names()``).
+        A registered architecture (``flashsae.names()``).
     n_components : int, default=None
         Number of latents (dictionary atoms); None picks 8 * n_features.
-    k : int, default=None
-        Active latents per row during training (topk, batchtopk). None uses the library default
-        (8, at most n_components), or with ``transform_algorithm="omp"`` half of
-        ``transform_n_nonzero_coefs``: atoms trained with sparser codes serve OMP better
-        (held-out FVU of 8-atom OMP codes on scikit-learn's digits, 256 atoms, 50 epochs: 0.083
-        trained at k=4, 0.092 at k=8).
-    l1 : float, default=None
-        L1 penalty weight (relu-l1).
-    beta : float, default=None
-        KL sparsity penalty weight (kl).
-    rho : float, default=None
-        Target mean activation of the KL penalty (kl).
-    contractive : float, default=None
-        Weight of the contractive (encoder Jacobian) penalty (contractive).
-    l0 : float, default=None
-        L0 penalty weight (jumprelu).
     encoder_hidden : tuple of int, default=()
         Widths of ReLU hidden layers before the code layer.
     decoder_hidden : tuple of int, default=()
@@ -97,6 +120,20 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Seed of initialisation and shuffling; an int is used as the seed itself.
     device : str, default="auto"
         "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
+    **model_options : default=None
+        The architectures' own options, one parameter each: every field of every registered
+        architecture's config class (``flashsae.models.get(name).config_cls``, whose field
+        docstrings describe them; ``flashsae.models.options()`` lists them with each
+        architecture's default) except ``d_in`` and ``d_sae`` (``n_components``), such as ``k``
+        (topk, batchtopk) or ``l1`` (relu-l1). They are parameters like the others for
+        `get_params`, `set_params`, `clone` and searches, including those of an architecture
+        registered later. None keeps the architecture's default; `fit` passes an option on only
+        when the chosen architecture has it, so one grid can span several architectures, and the
+        architecture's config class validates the values. An unset ``k`` never exceeds
+        n_components, and with ``transform_algorithm="omp"`` is half of
+        ``transform_n_nonzero_coefs``: atoms trained with sparser codes serve OMP better
+        (held-out FVU of 8-atom OMP codes on scikit-learn's digits, 256 atoms, 50 epochs: 0.083
+        trained at k=4, 0.092 at k=8).
 
     Attributes
     ----------
@@ -127,19 +164,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     (2, 128)
     """
 
-    def __init__(self, architecture="topk", n_components=None, *, k=None, l1=None, beta=None, rho=None,
-                 contractive=None, l0=None, encoder_hidden=(), decoder_hidden=(), epochs=None,
+    @_WithModelOptions
+    def __init__(self, architecture="topk", n_components=None, *, encoder_hidden=(), decoder_hidden=(), epochs=None,
                  batch_size=None, lr=None, standardize="global", val_fraction=0.0,
                  transform_algorithm="encoder", transform_n_nonzero_coefs=None, sparse_output=False,
-                 verbose=False, random_state=None, device="auto"):
+                 verbose=False, random_state=None, device="auto", **model_options):
+        for name in _model_options():
+            setattr(self, name, model_options.pop(name, None))
+        if model_options:  # what Python says for a keyword missing from an explicit signature
+            raise TypeError(f"SparseAutoencoder.__init__() got an unexpected keyword argument "
+                            f"{next(iter(model_options))!r}; model options are the config fields of "
+                            f"the registered architectures (flashsae.models.options())")
         self.architecture = architecture
         self.n_components = n_components
-        self.k = k
-        self.l1 = l1
-        self.beta = beta
-        self.rho = rho
-        self.contractive = contractive
-        self.l0 = l0
         self.encoder_hidden = encoder_hidden
         self.decoder_hidden = decoder_hidden
         self.epochs = epochs
@@ -310,6 +347,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         state.pop("_run", None)
         return state
 
+    def __getattr__(self, name):
+        # An estimator made before an architecture was registered has no attribute for its options.
+        if not name.startswith("_") and not name.endswith("_") and name in _model_options():
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # ---- internals ---------------------------------------------------------------------------
     def _seed(self) -> int:
         if isinstance(self.random_state, numbers.Integral):
@@ -332,7 +375,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         for name in ("encoder_hidden", "decoder_hidden"):
             if getattr(self, name):
                 options[name] = tuple(getattr(self, name))
-        for name in _MODEL_OPTIONS:
+        for name in _model_options():  # validated at fit by the architecture's config class
             if getattr(self, name) is not None and name in relevant:
                 options[name] = getattr(self, name)
         if self.k is None and "k" in relevant:
