@@ -63,3 +63,30 @@ def test_cli_train_on_the_fly(tmp_path, tiny_gpt2, corpus, capsys):
     assert out["metrics"]["rows_seen"] == 4096
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["data_stats"]["activations"]["context"] == 32
+
+
+def harvest_args(model, corpus, out, **changes):
+    args = {"--model": str(model), "--hook": "transformer.h.0", "--text": str(corpus), "--out": str(out),
+            "--rows": "600", "--context": "32", "--shard-rows": "256", **changes}
+    return ["harvest", *(v for kv in args.items() for v in kv), "--quiet"]
+
+
+@pytest.mark.parametrize("mistake", ["hook", "text", "model"])
+def test_a_failed_harvest_leaves_nothing_and_the_corrected_command_runs(tmp_path, tiny_gpt2, corpus, capsys,
+                                                                       mistake):
+    out = tmp_path / "acts"
+    wrong = {"hook": {"--hook": "transformer.h0"}, "text": {"--text": str(tmp_path / "missing.txt")},
+             "model": {"--model": "nobody/no-such-model"}}[mistake]
+    message = {
+        "hook": "flashsae: error: the model has no module named 'transformer.h0'; did you mean transformer.h.0, "
+                "transformer.h, transformer.h.1? (names as in model.named_modules())",
+        "text": f"flashsae: error: corpus {tmp_path / 'missing.txt'}: no such file or directory.",
+        "model": "flashsae: error: cannot load model 'nobody/no-such-model' offline: it is not a model directory "
+                 "and not in the local Hugging Face cache",
+    }[mistake]
+    assert main(harvest_args(tiny_gpt2, corpus, out, **wrong)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bars
+    assert err.startswith(message), err
+    assert not out.exists()
+    assert main(harvest_args(tiny_gpt2, corpus, out)) == 0  # no --overwrite needed
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 600

@@ -163,3 +163,16 @@ def test_model_names_resolve_from_the_local_cache_only(tmp_path, tiny_gpt2):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "GPT2LMHeadModel" in out.stdout and "DataError cannot load model 'local/missing' offline" in out.stdout
+
+
+def test_overwrite_keeps_the_old_harvest_until_the_new_one_starts(tmp_path, gpt2_acts, tiny_gpt2, corpus):
+    import shutil
+
+    full, m = gpt2_acts
+    out = tmp_path / "acts"
+    shutil.copytree(full, out)
+    with pytest.raises(ConfigError, match="no module named 'transformer.h9'"):
+        H.harvest(cfg(tiny_gpt2, corpus, hook="transformer.h9"), out, overwrite=True, progress=False)
+    assert A.read_manifest(out) == m
+    again = H.harvest(cfg(tiny_gpt2, corpus, hook="transformer.h.1", rows=500), out, overwrite=True, progress=False)
+    assert again["hook"] == "transformer.h.1" and again["rows"] == 500 and open_source(out).n_rows == 500

@@ -16,6 +16,7 @@ Imports io, `lm.activations`, `lm.corpus` and `errors` only.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -98,35 +99,42 @@ class HarvestConfig:
 def harvest(cfg: HarvestConfig, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Capture activations into `out` (created, resumed or, with `overwrite`, replaced).
 
+    The model, the hook and the corpus are tried (one batch runs) before `out` is touched, so a
+    command that fails on them leaves nothing behind, and an existing harvest in `out` is only
+    replaced once the new one has started.
+
     Returns:
         The final manifest.
 
     Raises:
-        ConfigError: `out` holds something else, or a harvest with different settings.
-        DataError: the model, hook or corpus cannot be read.
+        ConfigError: `out` holds something else, or a harvest with different settings; the hook
+            is not a module of the model.
+        DataError: the model or corpus cannot be read.
     """
     out = Path(out)
-    manifest = _open_out(cfg, out, overwrite)
-    if manifest["rows"] >= cfg.rows or manifest.get("corpus_exhausted"):
+    manifest = None if overwrite else _existing(cfg, out)
+    if manifest is not None and (manifest["rows"] >= cfg.rows or manifest.get("corpus_exhausted")):
         manifest["complete"] = True
         _write_manifest(out, manifest)
         return manifest
-    manifest.update(target_rows=cfg.rows, complete=False)
+    start = manifest["next_context"] if manifest is not None else 0
     model, tokenizer = A.load_lm(cfg.model, device=A.device_of(cfg.device))
     module = A.find_module(model, cfg.hook)
     specials = A.special_ids(tokenizer)
-    manifest["special_ids"] = specials
     row_filter = A.RowFilter(specials, keep_special=cfg.keep_special, max_norm_factor=cfg.max_norm_factor,
-                             median_norm=manifest.get("median_norm"))
-    contexts = iter_contexts(cfg.text, tokenizer, cfg.context, start=manifest["next_context"])
-    blocks = A.iter_row_blocks(model, module, contexts, batch=cfg.batch, row_filter=row_filter,
-                               first_context=manifest["next_context"])
+                             median_norm=manifest.get("median_norm") if manifest is not None else None)
+    contexts = iter_contexts(cfg.text, tokenizer, cfg.context, start=start)
+    blocks = A.iter_row_blocks(model, module, contexts, batch=cfg.batch, row_filter=row_filter, first_context=start)
+    first = next(blocks, None)  # reads the corpus and runs the hook once: the last check before writing
+    if manifest is None:
+        manifest = _create(cfg, out)
+    manifest.update(target_rows=cfg.rows, complete=False, special_ids=specials)
     writer = _ShardWriter(cfg, out, manifest)
     from tqdm.auto import tqdm
 
     with tqdm(total=cfg.rows, initial=manifest["rows"], unit="rows", unit_scale=True, desc="harvest",
               disable=not progress, dynamic_ncols=True) as bar:
-        for block in blocks:
+        for block in itertools.chain([] if first is None else [first], blocks):
             manifest["median_norm"] = row_filter.median_norm
             bar.update(writer.add(block))
             if writer.done:
@@ -139,29 +147,44 @@ def harvest(cfg: HarvestConfig, out: str | os.PathLike, *, overwrite: bool = Fal
     return manifest
 
 
-def _open_out(cfg: HarvestConfig, out: Path, overwrite: bool) -> dict:
+def _settings(cfg: HarvestConfig) -> dict:
+    """The manifest's record of the settings a resumed harvest must repeat (plus model_path)."""
     settings = {_MANIFEST_KEY.get(k, k): v for k, v in asdict(cfg).items() if k in _SAME_ON_RESUME}
     model_dir = Path(cfg.model).expanduser()
     settings["model_path"] = str(model_dir.resolve()) if model_dir.is_dir() else None
-    if out.exists() and overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"{out} exists and is not a directory")
-        if (out / A.MANIFEST_FILE).is_file():
-            manifest = A.read_manifest(out)
-            changed = [k for k in settings if k != "model_path" and manifest.get(k) != settings[k]]
-            if changed:
-                k = changed[0]
-                raise ConfigError(f"{out} holds a harvest with different settings ({k}: {manifest.get(k)!r}, "
-                                  f"now {settings[k]!r}); pass --overwrite to start again")
-            return manifest
-        if any(out.iterdir()):
-            raise ConfigError(f"{out} exists and is not an activation directory; pass --overwrite to replace it")
-    (out / A.TOKENS_DIR).mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _existing(cfg: HarvestConfig, out: Path) -> dict | None:
+    """The manifest of the harvest in `out` to resume, or None when `out` is absent or empty; writes nothing."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    if (out / A.MANIFEST_FILE).is_file():
+        manifest = A.read_manifest(out)
+        settings = _settings(cfg)
+        changed = [k for k in settings if k != "model_path" and manifest.get(k) != settings[k]]
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"{out} holds a harvest with different settings ({k}: {manifest.get(k)!r}, "
+                              f"now {settings[k]!r}); pass --overwrite to start again")
+        return manifest
+    if any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not an activation directory; pass --overwrite to replace it")
+    return None
+
+
+def _create(cfg: HarvestConfig, out: Path) -> dict:
+    """Start a new harvest in `out`, replacing whatever is there."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    (out / A.TOKENS_DIR).mkdir(parents=True)
     from flashsae import __version__
 
-    manifest = {"format": A.MANIFEST_FORMAT, "format_version": A.MANIFEST_VERSION, **settings,
+    manifest = {"format": A.MANIFEST_FORMAT, "format_version": A.MANIFEST_VERSION, **_settings(cfg),
                 "d_in": None, "rows": 0, "target_rows": cfg.rows, "complete": False, "next_context": 0,
                 "median_norm": None, "special_ids": [], "shards": [], "aux_files": [A.TOKENS_DIR],
                 "library_version": __version__}
