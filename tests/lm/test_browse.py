@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("transformers")
 
 import flashsae  # noqa: E402
-from flashsae.lm.harvest import HarvestConfig, harvest  # noqa: E402
 from flashsae.lm.browse import build_site  # noqa: E402
+from flashsae.lm.harvest import HarvestConfig, harvest  # noqa: E402
 
 
 @pytest.fixture(scope="module")

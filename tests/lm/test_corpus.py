@@ -5,8 +5,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from flashsae.lm.corpus import iter_contexts, iter_documents, special_wrapping  # noqa: E402
 from flashsae.errors import ConfigError, DataError  # noqa: E402
+from flashsae.lm.corpus import iter_contexts, iter_documents, special_wrapping  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import torch
 pytest.importorskip("transformers")
 
 import flashsae  # noqa: E402
-from flashsae.lm import activations as A  # noqa: E402
 from flashsae.errors import ConfigError, DataError  # noqa: E402
+from flashsae.lm import activations as A  # noqa: E402
 from flashsae.lm import downstream as D  # noqa: E402
 from flashsae.preprocess import Standardizer  # noqa: E402
 

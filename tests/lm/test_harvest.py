@@ -6,10 +6,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from flashsae.lm import activations as A  # noqa: E402
-from flashsae.lm import harvest as H  # noqa: E402
 from flashsae.data import open_source  # noqa: E402
 from flashsae.errors import ConfigError, DataError  # noqa: E402
+from flashsae.lm import activations as A  # noqa: E402
+from flashsae.lm import harvest as H  # noqa: E402
 
 
 def cfg(model, corpus, **kw):

@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 
 import flashsae  # noqa: E402
 from flashsae.lm import activations as A  # noqa: E402
-from flashsae.lm.harvest import HarvestConfig, harvest  # noqa: E402
 from flashsae.lm.downstream import downstream_metrics  # noqa: E402
+from flashsae.lm.harvest import HarvestConfig, harvest  # noqa: E402
 
 
 @pytest.mark.slow

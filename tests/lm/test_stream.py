@@ -8,8 +8,8 @@ pytest.importorskip("transformers")
 
 import flashsae  # noqa: E402
 from flashsae.data.sources import ArraySource  # noqa: E402
-from flashsae.lm.stream import ActivationStream, StreamBatches, StreamConfig, _Feed  # noqa: E402
 from flashsae.errors import ConfigError  # noqa: E402
+from flashsae.lm.stream import ActivationStream, StreamBatches, StreamConfig, _Feed  # noqa: E402
 
 
 def producer_threads():

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from flashsae import io
-from flashsae.lm import activations as A
 from flashsae.data import open_source
 from flashsae.errors import ConfigError, DataError
+from flashsae.lm import activations as A
 from flashsae.lm import site
 
 _CODE_VALUES = 1 << 22  # dense codes per chunk (16 MB of float32), whatever d_sae is

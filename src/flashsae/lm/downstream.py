@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from flashsae.errors import ConfigError, DataError
 from flashsae.lm import activations as A
 from flashsae.lm.corpus import iter_contexts
-from flashsae.errors import ConfigError, DataError
 
 
 @torch.no_grad()

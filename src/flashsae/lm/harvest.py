@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from flashsae import io
+from flashsae.errors import ConfigError
 from flashsae.lm import activations as A
 from flashsae.lm.corpus import iter_contexts
-from flashsae.errors import ConfigError
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMATS = ("npy", "safetensors")

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashsae.lm import activations as A
-from flashsae.lm.corpus import iter_contexts
 from flashsae.data.sources import ArraySource
 from flashsae.errors import ConfigError
+from flashsae.lm import activations as A
+from flashsae.lm.corpus import iter_contexts
 
 
 @dataclass(frozen=True, kw_only=True)
