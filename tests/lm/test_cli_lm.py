@@ -1,6 +1,7 @@
 """harvest -> train -> evaluate -> browse -> export -> import, through the command line."""
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -90,3 +91,29 @@ def test_a_failed_harvest_leaves_nothing_and_the_corrected_command_runs(tmp_path
     assert not out.exists()
     assert main(harvest_args(tiny_gpt2, corpus, out)) == 0  # no --overwrite needed
     assert json.loads((out / "manifest.json").read_text())["rows"] == 600
+
+
+def test_ctrl_c_says_how_to_continue_and_the_same_command_does(tmp_path, monkeypatch, tiny_gpt2, corpus, capsys):
+    from flashsae.data import open_source
+    from flashsae.lm import harvest as H
+
+    real_flush = H._ShardWriter._flush
+    calls = {"n": 0}
+
+    def interrupted_after_one_shard(self, limit):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        real_flush(self, limit)
+
+    out = tmp_path / "acts"
+    monkeypatch.setattr(H._ShardWriter, "_flush", interrupted_after_one_shard)
+    assert main(harvest_args(tiny_gpt2, corpus, out)) == 130
+    rows = json.loads((out / "manifest.json").read_text())["rows"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"flashsae: harvest interrupted with {rows:,} of 600 rows in {out}; "
+        "run the same command again to continue after the last complete shard")
+    monkeypatch.setattr(H._ShardWriter, "_flush", real_flush)
+    assert main(harvest_args(tiny_gpt2, corpus, out)) == 0
+    assert main(harvest_args(tiny_gpt2, corpus, tmp_path / "straight")) == 0
+    np.testing.assert_array_equal(open_source(out).read(0, 600), open_source(tmp_path / "straight").read(0, 600))

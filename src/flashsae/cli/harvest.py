@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+from pathlib import Path
 
 HELP = "Capture a transformers model's activations at one module over a text corpus, as shards for training."
 EPILOG = """examples:
@@ -34,11 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flashsae.errors import Interrupted
     from flashsae.lm.harvest import HarvestConfig, harvest
 
     skip = {"out", "overwrite", "quiet", "json", "command", "_module"}
     cfg = HarvestConfig(**{k: v for k, v in vars(args).items() if k not in skip})
-    manifest = harvest(cfg, args.out, overwrite=args.overwrite, progress=not (args.quiet or args.json))
+    try:
+        manifest = harvest(cfg, args.out, overwrite=args.overwrite, progress=not (args.quiet or args.json))
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(cfg, args.out), signal.SIGINT) from None
     if args.json:
         from flashsae.cli.common import print_json
 
@@ -47,3 +53,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.out}: {manifest['rows']:,} rows x {manifest['d_in']} from {cfg.model} at {cfg.hook} "
               f"in {len(manifest['shards'])} shards; next: flashsae train {args.out} --out RUN_DIR")
     return 0
+
+
+def _interrupted(cfg, out) -> str:
+    """What an interrupted harvest kept, and how to continue it (every shard on disk is complete)."""
+    from flashsae.lm.activations import MANIFEST_FILE, read_manifest
+
+    if not (Path(out) / MANIFEST_FILE).is_file():
+        return "harvest interrupted before anything was written; run the same command again to start it"
+    rows = read_manifest(out)["rows"]
+    return (f"harvest interrupted with {rows:,} of {cfg.rows:,} rows in {out}; "
+            "run the same command again to continue after the last complete shard")
