@@ -168,3 +168,29 @@ def test_sigint_during_a_sweep_exits_130_with_one_line_and_resume_finishes_every
         assert (out / name / io.MODEL_FILE).is_file() and not (out / f"{name}.partial").exists()
         assert io.read_json(out / name / io.METRICS_FILE)["steps"] == 128000 // 64
     assert (out / io.SWEEP_TABLE_FILE).is_file()
+
+
+def test_a_run_says_when_it_stopped_early(capsys):
+    _, result = flashsae.train("digits", k=3, latents=32, lr=1e-7, patience=1, eval_every=2, rows=3200,
+                               batch_size=64, seed=0, device="cpu", progress=False)
+    assert result.steps < 50 and result.metrics["stopped_early_at_step"] == result.steps
+    out = capsys.readouterr().out
+    assert f"note: stopped early at step {result.steps} of 50: the held-out FVU did not improve in 1 evaluations" in out
+
+
+def test_a_run_says_when_its_codes_are_not_sparse(capsys):
+    from sklearn.datasets import load_wine
+
+    flashsae.train(load_wine().data, arch="relu-l1", l1=0.001, epochs=30, seed=0, device="cpu", progress=False)
+    out = capsys.readouterr().out
+    assert "note: the codes are not sparse: L0 " in out and "on 13 columns" in out
+
+
+def test_a_run_says_when_the_curve_had_not_flattened(capsys):
+    _, result = flashsae.train("digits", k=4, latents=64, rows=1280, batch_size=64, seed=0, device="cpu",
+                               progress=False)
+    assert any("the held-out FVU was still falling at the end" in n for n in result.notes)
+    assert "note: the held-out FVU was still falling" in capsys.readouterr().out
+    _, result = flashsae.train("digits", k=4, latents=64, epochs=200, batch_size=64, lr=1e-3, seed=0, device="cpu",
+                               quiet=True)
+    assert not any("still falling" in n for n in result.notes), result.history[-3:]

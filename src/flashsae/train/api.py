@@ -36,8 +36,8 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         overwrite: replace an existing `out`.
         resume: continue from the checkpoint left in `<out>.partial`; options given must equal the
             saved ones (except `threads` and `checkpoint_every`, which apply from here on).
-        quiet: no progress bar or summary.
-        progress: show the progress bar (default: not quiet).
+        quiet: no progress bar, summary or notes.
+        progress: show the progress bars (default: not quiet).
         tensorboard: also write TensorBoard event files to `<out>/tensorboard` (needs tensorboard).
         wandb: also log to a Weights & Biases run (needs wandb; WANDB_MODE=offline works offline).
         dist_timeout: under torchrun, seconds a rank waits for the others before failing.
@@ -58,6 +58,7 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
     """
     comm = comm if comm is not None else distributed.from_env(dist_timeout)
     show = ((not quiet) if progress is None else progress) and comm.is_main()
+    verbose = not quiet and comm.is_main()
     if out is None and resume:
         raise ConfigError("resume needs an output directory")
     loggers.check_options(tensorboard=tensorboard, wandb=wandb, has_out=out is not None)
@@ -79,8 +80,8 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         if run is not None:
             run.close()
         dpass.close()
-    if show and not run.result.interrupted:
-        print_summary(run.result.metrics, run.result.run_dir)
+    if verbose and not run.result.interrupted:
+        print_summary(run.result)
     return run.model, run.result
 
 
@@ -100,7 +101,7 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
         overwrite: replace existing run directories.
         resume: continue every model whose `<out>.partial` holds a checkpoint, keep (and load) every
             finished one, start the others.
-        quiet: no progress bar or summaries.
+        quiet: no progress bar, summaries or notes.
         progress: show the progress bar (default: not quiet).
         tensorboard: also write TensorBoard event files to each `<out>/tensorboard`.
         wandb: also log to Weights & Biases; one model per pass only (a process holds one W&B run).
@@ -146,7 +147,7 @@ def train_many(data, configs: list[dict], *, outs: list | None = None, overwrite
     for n, group in enumerate(passes.values()):
         if not quiet and len(passes) > 1:
             print(f"[pass {n + 1}/{len(passes)}] {len(group)} model(s)", flush=True)
-        trained = _train_pass(data, [members[i] for i in group], show=show, overwrite=overwrite,
+        trained = _train_pass(data, [members[i] for i in group], show=show, verbose=not quiet, overwrite=overwrite,
                               tensorboard=tensorboard, wandb=wandb, workers=workers)
         for i, res in zip(group, trained):
             results[i] = res
@@ -183,8 +184,8 @@ def _finished_result(run_dir: Path) -> TrainResult:
                        metrics.get("steps", 0), run_dir)
 
 
-def _train_pass(data, members: list[_Member], *, show: bool, overwrite: bool, tensorboard: bool, wandb: bool,
-                workers: int | None) -> list[tuple]:
+def _train_pass(data, members: list[_Member], *, show: bool, verbose: bool, overwrite: bool, tensorboard: bool,
+                wandb: bool, workers: int | None) -> list[tuple]:
     """Set up every model of one pass on the shared data, train them together, return (model, result)."""
     specs = [m.spec for m in members]
     dpass = DataPass.open(data, specs[0], show=show)
@@ -204,7 +205,7 @@ def _train_pass(data, members: list[_Member], *, show: bool, overwrite: bool, te
         for run in runs:
             run.close()
         dpass.close()
-    if show:
+    if verbose:
         for run in runs:
-            print_summary(run.result.metrics, run.result.run_dir)
+            print_summary(run.result)
     return [(run.model, run.result) for run in runs]

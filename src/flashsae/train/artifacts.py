@@ -51,10 +51,16 @@ def write_run(work: Path, out, model, config: dict, metrics: dict, history: list
     return io.finalize(work, out)
 
 
-def print_summary(metrics: dict, run_dir) -> None:
-    """The one line a finished run prints: held-out FVU, L0, dead share, speed, where it was written."""
-    parts = [f"FVU {metrics['fvu']:.4f}", f"L0 {metrics['l0']:.2f}", f"dead {100 * metrics['dead_fraction']:.1f}%"]
+def print_summary(result) -> None:
+    """What a finished run prints: one line of held-out FVU (data units), L0, dead share, speed and
+    where it was written, then a `note:` line for each thing the user should know."""
+    metrics = result.metrics
+    parts = [f"FVU {metrics['fvu']:.4f} (standardised {metrics['fvu_standardized']:.4f})", f"L0 {metrics['l0']:.2f}",
+             f"dead {100 * metrics['dead_fraction']:.1f}% (never fired on these rows)"]
     if "recovery" in metrics:
         parts.append(f"recovery {metrics['recovery']:.3f}")
     parts.append(f"{metrics['rows_per_s']:,.0f} rows/s")
+    run_dir = result.run_dir
     print(f"{metrics['evaluated_on']}: " + ", ".join(parts) + (f" -> {run_dir}" if run_dir else ""))
+    for note in result.notes:
+        print(f"note: {note}")

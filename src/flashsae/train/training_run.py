@@ -35,6 +35,7 @@ class TrainResult:
     run_dir: Path | None
     history: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)  # what the user should know: early stop, codes not sparse, ...
 
     @property
     def rows_per_s(self) -> float:
@@ -54,6 +55,10 @@ def schedule(spec: RunSpec, n_train: int, batch_size: int) -> tuple[int, int, in
     dead_after = cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
     eval_every = max(1, total_steps // 10) if cfg.eval_every is None else (cfg.eval_every or total_steps)
     return total_steps, dead_after, eval_every
+
+
+STILL_FALLING = 0.01
+"""A held-out FVU that fell by more than this fraction over the last evaluation interval has not flattened."""
 
 
 class TrainingRun:
@@ -114,6 +119,7 @@ class TrainingRun:
         self._acc = None
         self._n_acc = 0
         self.last_step_s = 0.0
+        self.stopped_early: tuple[int, int] | None = None  # (step, planned steps)
         self.result: TrainResult | None = None
 
     @property
@@ -151,8 +157,9 @@ class TrainingRun:
             eval_s = self._log(evaluate_now)
         if self.work is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
             self.checkpoint()
-        if cfg.patience and state.since_best >= cfg.patience:
-            self.total_steps = step  # early stop
+        if cfg.patience and state.since_best >= cfg.patience and not done:
+            self.stopped_early = (step, self.total_steps)
+            self.total_steps = step
         return at_log, eval_s
 
     def _log(self, evaluate_now: bool) -> float:
@@ -210,13 +217,38 @@ class TrainingRun:
             metrics.update(rows_seen=s.rows_seen, steps=s.step, train_seconds=round(s.elapsed, 3),
                            rows_per_s=round(s.rows_seen / max(s.elapsed, 1e-9), 1),
                            evaluated_on="held-out" if len(dpass.val_ids) else "training rows")
+            if self.stopped_early is not None:
+                metrics["stopped_early_at_step"] = self.stopped_early[0]
             self.logs.summary(metrics, s.step)
         self.logs.close()
-        self.result = TrainResult(metrics, s.elapsed, s.rows_seen, s.step, None, s.history)
+        self.result = TrainResult(metrics, s.elapsed, s.rows_seen, s.step, None, s.history,
+                                  notes=self._notes(metrics) if evaluate_final else [])
         if self.work is not None:
             self.result.run_dir = artifacts.write_run(self.work, self.out, self.model, self.config, metrics,
                                                       s.history, dpass.source, dpass.final_ids())
         return self.result
+
+    def _notes(self, metrics: dict) -> list[str]:
+        """What a person should hear about the finished run, beyond its numbers."""
+        notes = []
+        if self.stopped_early is not None:
+            step, planned = self.stopped_early
+            notes.append(f"stopped early at step {step} of {planned}: the held-out FVU did not improve in "
+                         f"{self.spec.train.patience} evaluations (--patience)")
+        val = [(r["step"], r["val_fvu_standardized"]) for r in self.state.history
+               if r.get("val_fvu_standardized") not in ("", None)]
+        if self.stopped_early is None and len(val) >= 3:
+            (_, before), (_, last) = val[-2], val[-1]
+            if last < before * (1 - STILL_FALLING):
+                notes.append(f"the held-out FVU was still falling at the end ({before:.4g} -> {last:.4g} over the "
+                             "last evaluation interval): the curve has not flattened; train longer (--epochs or "
+                             "--rows)")
+        l0, dense, d_in = metrics.get("l0", 0.0), metrics.get("dense_fraction", 0.0), self.model.d_in
+        if l0 > d_in / 2 or dense > 0.5:
+            notes.append(f"the codes are not sparse: L0 {l0:.1f} on {d_in} columns, {100 * dense:.0f}% of latents "
+                         "fire on more than 10% of rows; raise the sparsity penalty (--l1, --l0, --beta) or "
+                         "lower --k")
+        return notes
 
     def close(self) -> None:
         self.logs.close()
