@@ -28,6 +28,43 @@ def test_cli_pages_match_help():
     assert {f"{name}.md" for name in SUBCOMMANDS} <= {p.name for p in (DOCS / "cli").glob("*.md")}
 
 
+def test_models_tables_match_the_registry():
+    gen = load_generator()
+    stale = gen.stale_tables()
+    assert not stale, f"models tables out of date in {stale}; run python docs/gen_cli_docs.py"
+    from flashsae import models
+
+    rows = gen.models_table().splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == sorted(models.names(), key=lambda n: (n != models.DEFAULT, n))
+
+
+def test_models_table_follows_a_new_architecture():
+    from dataclasses import dataclass
+
+    import torch
+
+    from flashsae import models
+
+    @dataclass(frozen=True, kw_only=True)
+    class PlainConfig(models.ModelConfig):
+        gain: float = 1.5
+        """Made up."""
+
+    class Plain(models.SparseAutoencoder):
+        """Plain ReLU codes | with a pipe."""
+
+        config_cls = PlainConfig
+
+        def activate(self, pre_acts):
+            return torch.relu(pre_acts), pre_acts.new_zeros(())
+
+    gen = load_generator()
+    with models.registered("plain-doc", Plain):
+        assert "| `plain-doc` | Plain ReLU codes \\| with a pipe. | `--gain` 1.5 |" in gen.models_table()
+        assert gen.stale_tables() == ["README.md", "docs/guide.md"]
+    assert gen.stale_tables() == []
+
+
 def test_every_subcommand_has_quiet_and_json():
     pages = load_generator().render_pages()
     missing = [name for name, text in pages.items() if name != "README.md"

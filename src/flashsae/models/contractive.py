@@ -25,7 +25,11 @@ class ContractiveConfig(ModelConfig):
 
 @register("contractive")
 class ContractiveSAE(SparseAutoencoder):
-    """h = relu(encoder(x)); closed-form Jacobian norm for one layer, exact layer products when deep."""
+    """ReLU codes with a penalty on the squared Frobenius norm of the encoder's Jacobian dh/dx (Rifai
+    et al., 2011): robust rather than sparse codes, L0 is not directly controlled.
+
+    h = relu(encoder(x)); closed-form Jacobian norm for one layer, exact layer products when deep.
+    """
 
     config_cls = ContractiveConfig
     saelens_architecture = "standard"  # inference is ReLU(W_enc (x - b_dec) + b_enc); the penalty only trains

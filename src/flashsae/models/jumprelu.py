@@ -73,7 +73,7 @@ class JumpReLUConfig(ModelConfig):
 @register("jumprelu")
 class JumpReLUSAE(SparseAutoencoder):
     """ReLU codes zeroed below a learned per-latent threshold, trained with an L0 penalty through
-    straight-through estimators (Rajamanoharan et al., 2024)."""
+    straight-through estimators (Rajamanoharan et al., 2024); L0 falls as l0 rises."""
 
     config_cls = JumpReLUConfig
     saelens_architecture = "jumprelu"

@@ -38,7 +38,11 @@ class KLConfig(ModelConfig):
 
 @register("kl")
 class KLSAE(SparseAutoencoder):
-    """h = s * 1[s > tau] with s = sigmoid(pre_acts); penalty beta * sum_j KL(rho || mean_t s_tj)."""
+    """Sigmoid codes with a KL penalty pulling each latent's mean activation to rho (Ng, 2011);
+    outputs below active_threshold are zeroed, so L0 falls with rho.
+
+    h = s * 1[s > tau] with s = sigmoid(pre_acts); penalty beta * sum_j KL(rho || mean_t s_tj).
+    """
 
     config_cls = KLConfig
 

@@ -25,7 +25,11 @@ class ReluL1Config(ModelConfig):
 
 @register("relu-l1")
 class ReluL1SAE(SparseAutoencoder):
-    """h = relu(W_enc (x - b_dec) + b_enc), loss ||x - x_hat||^2 + l1 * sum_i h_i."""
+    """ReLU codes with the L1 penalty l1 * sum_i h_i, the classic sparse autoencoder: L0 falls as l1
+    rises, and l1 = 0 is a plain autoencoder.
+
+    h = relu(W_enc (x - b_dec) + b_enc), loss ||x - x_hat||^2 + l1 * sum_i h_i.
+    """
 
     config_cls = ReluL1Config
     saelens_architecture = "standard"

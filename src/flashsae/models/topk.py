@@ -59,7 +59,8 @@ def _dense_aux(pre: Tensor, aux_mask: Tensor, k_aux: int) -> SparseCodes:
 
 @register("topk")
 class TopKSAE(SparseAutoencoder):
-    """Keep the k largest ReLU pre-activations per row."""
+    """Keep the k largest ReLU pre-activations of each row (Gao et al., 2024), so L0 is exactly k;
+    AuxK revives dead latents, and the one-layer model runs the sparse fast path."""
 
     config_cls = TopKConfig
     k_limited = True
@@ -99,7 +100,8 @@ class TopKSAE(SparseAutoencoder):
 
 @register("batchtopk")
 class BatchTopKSAE(SparseAutoencoder):
-    """Keep the k * batch largest activations over the whole batch; a global threshold at inference."""
+    """Keep the k * batch largest activations over the whole batch (Bussmann et al., 2024): L0 is k
+    on average, more for rich rows and fewer for plain ones; inference uses a learned global threshold."""
 
     config_cls = BatchTopKConfig
     k_limited = True
