@@ -44,7 +44,8 @@ def test_encoding_memory_does_not_grow_with_the_rows(tmp_path):
 
 
 def test_decoding_maps_the_file_flashsae_wrote(tmp_path, monkeypatch):
-    from flashsae import DataError, codes as codes_mod
+    from flashsae import DataError
+    from flashsae import codes as codes_mod
 
     x = np.random.default_rng(2).normal(size=(3000, 6)).astype(np.float32)
     model = build("topk", d_in=6, d_sae=24, k=3)

@@ -102,7 +102,8 @@ def test_state_dict_round_trip_and_mode_errors(x):
     assert z.mean.dtype == z.scale.dtype == torch.float32
     t = torch.from_numpy(x)
     assert torch.equal(fresh(t), z(t))
-    with pytest.raises(ConfigError, match="unknown standardization mode 'l2'; choose one of: column, global, norm, none"):
+    with pytest.raises(ConfigError,
+                       match="unknown standardization mode 'l2'; choose one of: column, global, norm, none"):
         Standardizer(6, "l2")
     with pytest.raises(ConfigError, match="unknown standardization mode 'zscore'"):
         Standardizer.from_scan(Scan(1, np.zeros(0, np.int64), np.zeros(2), np.ones(2), 2.0), "zscore")

@@ -6,14 +6,15 @@
 """
 __version__ = "0.1.0"
 
+from flashsae import train  # noqa: E402  (the subpackage; calling it calls train.api.train)
 from flashsae.errors import ArtifactError, ConfigError, DataError, FlashSAEError  # noqa: E402
 from flashsae.io import load  # noqa: E402
 from flashsae.models import ForwardOutput, SparseCodes, build, names  # noqa: E402
 from flashsae.models import SparseAutoencoder as SAEModule  # noqa: E402
-from flashsae import train  # noqa: E402  (the subpackage; calling it calls train.api.train)
 from flashsae.train import TrainResult, train_many  # noqa: E402
 
-__all__ = ["train", "train_many", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes",
+# SparseAutoencoder (the estimator) comes from __getattr__ below, so importing flashsae stays light.
+__all__ = ["train", "train_many", "load", "build", "names", "SparseAutoencoder", "SAEModule", "SparseCodes",  # noqa: F822
            "ForwardOutput", "TrainResult", "FlashSAEError", "ConfigError", "DataError", "ArtifactError", "__version__"]
 
 

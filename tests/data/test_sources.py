@@ -137,7 +137,8 @@ def test_shard_directory(tmp_path, x):
     np.testing.assert_array_equal(src.take(rows), x[rows])
     np.testing.assert_array_equal(src.read(8, 33), x[8:33])  # spans all three shards
     np.save(d / "03.npy", x[:, :4])
-    with pytest.raises(DataError, match=r"03\.npy has 4 columns but .*00\.npy has 5; all shards must have the same width"):
+    with pytest.raises(DataError,
+                       match=r"03\.npy has 4 columns but .*00\.npy has 5; all shards must have the same width"):
         open_source(d)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -151,7 +152,8 @@ def test_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"no such file or directory \(built-in data sets: digits, synthetic\)"):
         open_source("digts")
     (tmp_path / "a.parquet").write_text("x")
-    with pytest.raises(DataError, match=r"a\.parquet: unsupported file type '\.parquet'; supported: \.npy, \.npz, \.csv"):
+    with pytest.raises(DataError,
+                       match=r"a\.parquet: unsupported file type '\.parquet'; supported: \.npy, \.npz, \.csv"):
         open_source(tmp_path / "a.parquet")
     for name in ("e.csv", "e.npy", "e.safetensors"):
         (tmp_path / name).write_bytes(b"")

@@ -147,7 +147,8 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, 
         monkeypatch.setattr(io, "save_file", full)
     else:
         real = Path.write_text
-        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full() if self.parent == ckpt else real(self, *a, **k))
+        monkeypatch.setattr(Path, "write_text",
+                            lambda self, *a, **k: full() if self.parent == ckpt else real(self, *a, **k))
     with pytest.raises(ArtifactError, match=r"no space left on device while writing .*checkpoint"):
         train(out=out, resume=True, quiet=True)
     monkeypatch.undo()

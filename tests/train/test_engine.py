@@ -132,7 +132,8 @@ def test_partial_fit_steps_the_engine_run(monkeypatch):
 
     calls = []
     real = loop.run_pass
-    monkeypatch.setattr(loop, "run_pass", lambda runs, batches, **kw: calls.append(runs[0]) or real(runs, batches, **kw))
+    monkeypatch.setattr(loop, "run_pass",
+                        lambda runs, batches, **kw: calls.append(runs[0]) or real(runs, batches, **kw))
     x = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
     sae = SparseAutoencoder(n_components=32, k=2, batch_size=64, random_state=0, device="cpu")
     sae.partial_fit(x[:256]).partial_fit(x[256:])

@@ -10,8 +10,8 @@ import pytest
 import flashsae
 from flashsae import ConfigError, io
 from flashsae.cli import main
-from flashsae.train import loggers
 from flashsae.errors import Interrupted
+from flashsae.train import loggers
 
 TRAIN = dict(quiet=True, rows=2048, batch_size=64, latents=32, k=4, log_every=1)
 
@@ -117,7 +117,8 @@ def test_live_curves_wait_for_a_tenth_of_the_run(tmp_path, monkeypatch):
     curves = loggers.LiveCurves(tmp_path / "curves.png", history, total_steps=100)
     drawn = []
     for step in range(1, 31):
-        row = {"step": step, "rows_seen": 10 * step, "loss": 1.0, "fvu_standardized": 0.5, "l0": 4.0, "dead_fraction_window": 0.0,
+        row = {"step": step, "rows_seen": 10 * step, "loss": 1.0, "fvu_standardized": 0.5, "l0": 4.0,
+               "dead_fraction_window": 0.0,
                "val_fvu_standardized": 0.5 if step % 4 == 0 else "", "val_l0": ""}
         history.append(row)
         curves.next_time = 0.0  # time throttle off: test the step spacing alone

@@ -90,8 +90,8 @@ def test_auto_dtype_is_bf16_only_for_topk_on_bf16_hardware(monkeypatch, has_bf16
 
 def test_the_resolved_dtype_is_recorded(tmp_path):
     from flashsae import io
-    from flashsae.train.optim import native_bf16
     from flashsae.train.api import train
+    from flashsae.train.optim import native_bf16
 
     _, result = train("digits", out=tmp_path / "run", rows=2048, k=4, quiet=True)
     cfg = io.read_json(result.run_dir / io.CONFIG_FILE)

@@ -16,8 +16,9 @@ def read_png(path):
 
 
 def test_training_curves_draws_every_panel(tmp_path):
-    history = [{"step": s, "rows_seen": 128 * s, "loss": 10 / s, "fvu_standardized": 1 / s, "l0": 8.0, "dead_fraction_window": 0.01 * s,
-                "val_fvu_standardized": 1.1 / s if s % 5 == 0 else "", "val_l0": 8.0 if s % 5 == 0 else ""} for s in range(1, 41)]
+    history = [{"step": s, "rows_seen": 128 * s, "loss": 10 / s, "fvu_standardized": 1 / s, "l0": 8.0,
+                "dead_fraction_window": 0.01 * s, "val_fvu_standardized": 1.1 / s if s % 5 == 0 else "",
+                "val_l0": 8.0 if s % 5 == 0 else ""} for s in range(1, 41)]
     plots.training_curves(history, tmp_path / "curves.png")
     img = read_png(tmp_path / "curves.png")
     assert img.shape[1] > img.shape[0] > 300  # 2x2 panels, wider than tall

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     stats = cfg.get("data_stats", {})
     print(f"{args.run_dir}: {cfg['architecture']} sparse autoencoder, flashsae {cfg.get('library_version')}")
     print(f"  sizes        d_in {m['d_in']}, latents {m['d_sae']}{hidden}, {n_params:,} parameters")
-    print(f"  options      " + ", ".join(f"{k}={v}" for k, v in extras.items()))
+    print("  options      " + ", ".join(f"{k}={v}" for k, v in extras.items()))
     print(f"  data         {stats.get('source')}: {stats.get('n_rows')} rows "
           f"({stats.get('n_train')} train, {stats.get('n_val')} held out, {stats.get('nonfinite_dropped')} dropped)")
     print(f"  standardise  {cfg['preprocess']['mode']}")

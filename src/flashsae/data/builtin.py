@@ -45,7 +45,8 @@ def synthetic_params(overrides: dict | None) -> dict:
     return params
 
 
-def make_synthetic(rows: int, d: int, atoms: int, active: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_synthetic(rows: int, d: int, atoms: int, active: int, noise: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows that are sparse combinations of a planted dictionary.
 
     Atoms are N(0, 1) vectors scaled to unit norm. Each row picks `active` distinct atoms

@@ -2,10 +2,11 @@
 
 A checkpoint is `<out>.partial/checkpoint/`: `state-<step>.safetensors` (weights, optimizer
 moments, dead-latent counters, the AuxK switch, the torch RNG) and `state.json` (the run's
-`LoopState`: step, rows seen, log history, early-stopping state; and the name of its tensor file). The tensors are written
-first under a step-stamped name, then the JSON that points at them, then older tensor files are
-removed; every write goes to a temporary name and is renamed. A crash at any moment (SIGKILL,
-power loss, full disk) therefore leaves the previous checkpoint or the new one, never a mix.
+`LoopState`: step, rows seen, log history, early-stopping state; and the name of its tensor
+file). The tensors are written first under a step-stamped name, then the JSON that points at
+them, then older tensor files are removed; every write goes to a temporary name and is renamed.
+A crash at any moment (SIGKILL, power loss, full disk) therefore leaves the previous checkpoint
+or the new one, never a mix.
 The data position needs no storage: the batch plan is a pure function of (seed, epoch), so the
 step alone says where to continue.
 
