@@ -72,3 +72,13 @@ def test_row_count_tick_labels_are_short_and_few():
         plt.close(fig)
         assert 2 <= len(labels) <= 7 and max(map(len, labels)) <= 5, (top, labels)
     assert [plots.short_number(x) for x in (0, 500, 50_000, 1_500_000, 2e9)] == ["0", "500", "50k", "1.5M", "2G"]
+
+
+def test_the_atlas_shows_the_most_used_atoms_first(tmp_path, monkeypatch):
+    atoms = np.zeros((6, 4), np.float32)
+    atoms[np.arange(6), np.arange(6) % 4] = np.arange(1, 7)  # atom j is recognisable by its peak, j + 1
+    drawn = []
+    real = plots._rgba
+    monkeypatch.setattr(plots, "_rgba", lambda img, *a: drawn.append(float(np.abs(img).max())) or real(img, *a))
+    plots.atom_atlas(atoms, (2, 2), tmp_path / "a.png", usage=np.array([0, 5, 0, 9, 1, 0]))
+    assert drawn == [4.0, 2.0, 5.0]  # latents 3, 1, 4 by use; the dead ones left out

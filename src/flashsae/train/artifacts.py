@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flashsae import io
 
@@ -44,11 +45,20 @@ def write_run(work: Path, out, model, config: dict, metrics: dict, history: list
 
     plots.training_curves(history, work / io.CURVES_FILE)
     if source.image_shape is not None:
-        plots.atom_atlas(model.atoms().cpu().numpy(), tuple(source.image_shape), work / io.ATLAS_FILE)
+        plots.atom_atlas(model.atoms().cpu().numpy(), tuple(source.image_shape), work / io.ATLAS_FILE,
+                         usage=_usage(model, source, sample_ids))
         if sample_ids is not None and len(sample_ids):
             plots.reconstructions(model, source.take(np.asarray(sample_ids[:6])), tuple(source.image_shape),
                                   work / io.RECONSTRUCTIONS_FILE)
     return io.finalize(work, out)
+
+
+@torch.no_grad()
+def _usage(model, source, row_ids, n_rows: int = 4096) -> np.ndarray:
+    """How many of (up to `n_rows` of) `row_ids` each latent fires on."""
+    ids = np.asarray(row_ids[:n_rows]) if row_ids is not None else np.arange(min(n_rows, source.n_rows))
+    codes = model.encode(torch.from_numpy(source.take(ids)).to(model.W_dec.device))
+    return (codes > 0).sum(0).cpu().numpy()
 
 
 def print_summary(result) -> None:

@@ -121,10 +121,19 @@ def _plain_log_labels(axis) -> None:
     axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
-def atom_atlas(atoms: np.ndarray, image_shape: tuple[int, int], path: Path, max_atoms: int = 256) -> None:
-    """Grid of decoder atoms shown as images (each scaled symmetrically around zero: red +, blue -)."""
+def atom_atlas(atoms: np.ndarray, image_shape: tuple[int, int], path: Path, max_atoms: int = 256,
+               usage: np.ndarray | None = None) -> None:
+    """Grid of decoder atoms shown as images (each scaled symmetrically around zero: red +, blue -).
+
+    `usage` (one count per latent, e.g. how many rows it fired on): show the most used atoms first,
+    so that a dictionary with dead latents shows the atoms that matter, not the first by index.
+    """
     plt = _pyplot()
-    atoms = np.asarray(atoms)[:max_atoms]
+    atoms = np.asarray(atoms)
+    if usage is not None:
+        order = np.argsort(-np.asarray(usage), kind="stable")
+        atoms = atoms[order[(np.asarray(usage)[order] > 0) | (np.arange(len(order)) < 1)]]
+    atoms = atoms[:max_atoms]
     n = len(atoms)
     cols = max(1, int(math.ceil(math.sqrt(n))))
     rows = max(1, int(math.ceil(n / cols)))
@@ -137,7 +146,8 @@ def atom_atlas(atoms: np.ndarray, image_shape: tuple[int, int], path: Path, max_
     scale = 0.55 / max(h, w)  # inches per pixel: each tile about half an inch across
     fig, ax = plt.subplots(figsize=(max(2.5, mosaic.canvas.shape[1] * scale), max(2.0, mosaic.canvas.shape[0] * scale)))
     mosaic.draw(ax)
-    ax.set_title(f"decoder atoms (first {n})", fontsize=9)
+    which = "most used" if usage is not None else "first"
+    ax.set_title(f"decoder atoms ({which} {n})", fontsize=9)
     _save(fig, path)
     plt.close(fig)
 
