@@ -117,3 +117,19 @@ def test_ctrl_c_says_how_to_continue_and_the_same_command_does(tmp_path, monkeyp
     assert main(harvest_args(tiny_gpt2, corpus, out)) == 0
     assert main(harvest_args(tiny_gpt2, corpus, tmp_path / "straight")) == 0
     np.testing.assert_array_equal(open_source(out).read(0, 600), open_source(tmp_path / "straight").read(0, 600))
+
+
+def test_harvest_several_hooks_then_train_on_one(tmp_path, tiny_gpt2, corpus, capsys):
+    out = tmp_path / "acts"
+    args = harvest_args(tiny_gpt2, corpus, out)
+    hook = args.index("--hook") + 1
+    args[hook:hook + 1] = ["transformer.h.0", "transformer.h.1"]
+    assert main(args[:-1]) == 0  # not --quiet
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        f"{out / 'transformer.h.0'}: 600 rows x 64 from {tiny_gpt2} at transformer.h.0 in 3 shards",
+        f"{out / 'transformer.h.1'}: 600 rows x 64 from {tiny_gpt2} at transformer.h.1 in 3 shards",
+        f"next: flashsae train {out / 'transformer.h.0'} --out RUN_DIR"]
+    assert main(["train", str(out / "transformer.h.1"), "--latents", "32", "--k", "4", "--rows", "2000",
+                 "--batch-size", "100", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["data_stats"]["n_rows"] == 600 and cfg["data_stats"]["d_in"] == 64

@@ -176,3 +176,70 @@ def test_overwrite_keeps_the_old_harvest_until_the_new_one_starts(tmp_path, gpt2
     assert A.read_manifest(out) == m
     again = H.harvest(cfg(tiny_gpt2, corpus, hook="transformer.h.1", rows=500), out, overwrite=True, progress=False)
     assert again["hook"] == "transformer.h.1" and again["rows"] == 500 and open_source(out).n_rows == 500
+
+
+TWO_HOOKS = ("transformer.h.0", "transformer.h.1")
+
+
+def test_several_hooks_in_one_forward_pass(tmp_path, monkeypatch, tiny_gpt2, corpus):
+    passes = []
+    real_capture = A.capture
+    monkeypatch.setattr(A, "capture", lambda model, modules, ids: passes.append(len(modules)) or
+                        real_capture(model, modules, ids))
+    out = tmp_path / "acts"
+    ms = H.harvest_many(cfg(tiny_gpt2, corpus, hook=TWO_HOOKS, max_norm_factor=1.5), out, progress=False)
+    last_context = max(m["next_context"] for m in ms.values()) - 1
+    assert set(passes) == {2} and len(passes) == last_context // 8 + 1  # one pass per batch of 8 contexts
+    assert sorted(p.name for p in out.iterdir()) == list(TWO_HOOKS)
+    for hook in TWO_HOOKS:
+        alone = H.harvest(cfg(tiny_gpt2, corpus, hook=hook, max_norm_factor=1.5), tmp_path / hook, progress=False)
+        m = A.read_manifest(out / hook)
+        assert m == ms[hook] and m["hook"] == hook and m["complete"] and m["rows"] == 3000
+        assert m["shards"] == alone["shards"] and m["median_norm"] == alone["median_norm"]
+        np.testing.assert_array_equal(open_source(out / hook).read(0, 3000), open_source(tmp_path / hook).read(0, 3000))
+    with pytest.raises(ConfigError, match="harvest_many writes one directory per hook"):
+        H.harvest(cfg(tiny_gpt2, corpus, hook=TWO_HOOKS), out, progress=False)
+
+
+def test_several_hooks_resume_each_directory_on_its_own(tmp_path, monkeypatch, tiny_gpt2, corpus):
+    straight = H.harvest_many(cfg(tiny_gpt2, corpus, hook=(*TWO_HOOKS, "transformer.ln_f"), max_norm_factor=1.5),
+                              tmp_path / "straight", progress=False)
+    out = tmp_path / "acts"
+    real_flush = H._ShardWriter._flush
+    calls = {"n": 0}
+
+    def flaky(self, limit):
+        if calls["n"] == 3:  # transformer.h.0 has written two shards, transformer.h.1 one
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        real_flush(self, limit)
+
+    monkeypatch.setattr(H._ShardWriter, "_flush", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        H.harvest_many(cfg(tiny_gpt2, corpus, hook=TWO_HOOKS, max_norm_factor=1.5), out, progress=False)
+    assert [len(A.read_manifest(out / h)["shards"]) for h in TWO_HOOKS] == [2, 1]
+    monkeypatch.setattr(H._ShardWriter, "_flush", real_flush)
+    # resume the two, and add a third hook that starts from the first context
+    ms = H.harvest_many(cfg(tiny_gpt2, corpus, hook=(*TWO_HOOKS, "transformer.ln_f"), max_norm_factor=1.5), out,
+                        progress=False)
+    for hook, m in ms.items():
+        assert m["shards"] == straight[hook]["shards"], hook
+        np.testing.assert_array_equal(open_source(out / hook).read(0, 3000),
+                                      open_source(tmp_path / "straight" / hook).read(0, 3000))
+
+
+def test_several_hooks_user_errors(tmp_path, tiny_gpt2, corpus):
+    with pytest.raises(ConfigError, match="hook 'transformer.h.0' is given twice"):
+        cfg(tiny_gpt2, corpus, hook=("transformer.h.0", "transformer.h.0"))
+    with pytest.raises(ConfigError, match="hook '../x' cannot name the directory OUT/<hook>/"):
+        cfg(tiny_gpt2, corpus, hook=("transformer.h.0", "../x"))
+    with pytest.raises(ConfigError, match="give at least one hook"):
+        cfg(tiny_gpt2, corpus, hook=())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds 'notes.txt', which is not a harvest directory"):
+        H.harvest_many(cfg(tiny_gpt2, corpus, hook=TWO_HOOKS), tmp_path / "busy", progress=False)
+    with pytest.raises(ConfigError, match="no module named 'transformer.h.7'"):
+        H.harvest_many(cfg(tiny_gpt2, corpus, hook=("transformer.h.0", "transformer.h.7")), tmp_path / "new",
+                       progress=False)
+    assert not (tmp_path / "new").exists()

@@ -1,8 +1,9 @@
 """Activations of one module of a transformers model: loading offline, capture by forward hook, row filters.
 
 A model is a local directory or a name already in the local Hugging Face cache; nothing is
-downloaded. The module is named as in `model.named_modules()`; its output (element 0 of a tuple)
-is captured by a forward hook that raises a private exception, so the layers after it never run.
+downloaded. A module is named as in `model.named_modules()`; its output (element 0 of a tuple)
+is captured by a forward hook, and once every hooked module has run a private exception stops the
+forward, so the layers after the last of them never run (one pass serves several modules).
 Each token position becomes one row; special tokens (BOS/EOS/PAD/CLS/SEP, `all_special_ids`)
 are dropped unless kept, and rows whose norm exceeds a multiple of the median norm can be dropped
 too. Writing shards lives in `lm.harvest`, training on the fly in `lm.stream`.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,28 +95,36 @@ class _StopForward(Exception):
 
 
 @torch.inference_mode()
-def capture(model, module: torch.nn.Module, ids: Tensor) -> Tensor:
-    """Output (batch, seq, d) of `module` for token ids (batch, seq); the forward stops right after it."""
-    got: list[Tensor] = []
+def capture(model, modules: Sequence[torch.nn.Module], ids: Tensor) -> list[Tensor]:
+    """Outputs (batch, seq, d) of `modules` for token ids (batch, seq), from one forward pass.
 
-    def hook(mod, inputs, output):
-        got.append(module_output(output))
-        raise _StopForward
+    The forward stops as soon as every module has run, so the layers after the last of them never do.
+    """
+    got: dict[int, Tensor] = {}
 
-    handle = module.register_forward_hook(hook)
+    def hook_of(i: int):
+        def hook(mod, inputs, output):
+            got.setdefault(i, module_output(output))
+            if len(got) == len(modules):
+                raise _StopForward
+        return hook
+
+    handles = [m.register_forward_hook(hook_of(i)) for i, m in enumerate(modules)]
     try:
         model(input_ids=ids)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not got:
-        raise DataError("the hooked module did not run during the forward pass")
-    out = got[0]
-    if out.ndim != 3 or out.shape[:2] != ids.shape:
-        raise DataError(f"the hooked module's output has shape {tuple(out.shape)}; expected (batch, seq, d) "
-                        f"for input {tuple(ids.shape)}")
-    return out
+        for handle in handles:
+            handle.remove()
+    if len(got) < len(modules):
+        raise DataError(f"{len(modules) - len(got)} of the hooked modules did not run during the forward pass")
+    outs = [got[i] for i in range(len(modules))]
+    for out in outs:
+        if out.ndim != 3 or out.shape[:2] != ids.shape:
+            raise DataError(f"the hooked module's output has shape {tuple(out.shape)}; expected (batch, seq, d) "
+                            f"for input {tuple(ids.shape)}")
+    return outs
 
 
 class RowBlock(NamedTuple):
@@ -156,31 +165,37 @@ class RowFilter:
         return keep
 
 
-def iter_row_blocks(model, module, contexts: Iterator[np.ndarray], *, batch: int, row_filter: RowFilter,
-                    first_context: int = 0) -> Iterator[RowBlock]:
-    """Run the model over `contexts` in batches of `batch` and yield the kept rows of each batch."""
+def iter_row_blocks(model, modules: Sequence[torch.nn.Module], contexts: Iterator[np.ndarray], *, batch: int,
+                    row_filters: Sequence[RowFilter], first_context: int = 0) -> Iterator[list[RowBlock]]:
+    """Run the model over `contexts` in batches of `batch`; yield each batch's kept rows, one block per module.
+
+    One forward pass per batch serves every module; module i's rows go through `row_filters[i]`.
+    """
     device = next(model.parameters()).device
     index = first_context
     group: list[np.ndarray] = []
     for ctx in contexts:
         group.append(ctx)
         if len(group) == batch:
-            yield _rows(model, module, group, index, device, row_filter)
+            yield _rows(model, modules, group, index, device, row_filters)
             index += len(group)
             group = []
     if group:
-        yield _rows(model, module, group, index, device, row_filter)
+        yield _rows(model, modules, group, index, device, row_filters)
 
 
-def _rows(model, module, group, index, device, row_filter: RowFilter) -> RowBlock:
+def _rows(model, modules, group, index, device, row_filters) -> list[RowBlock]:
     ids = np.stack(group)
-    out = capture(model, module, torch.from_numpy(ids).to(device))
-    b, t, d = out.shape
-    acts = out.reshape(b * t, d).float().cpu().numpy()
     token_ids = ids.reshape(-1)
-    keep = row_filter.mask(token_ids, acts)
+    b, t = ids.shape
     tokens = np.stack([token_ids, np.repeat(np.arange(index, index + b), t), np.tile(np.arange(t), b)], 1)
-    return RowBlock(np.ascontiguousarray(acts[keep]), tokens[keep].astype(np.int32), ids.astype(np.int32), index)
+    blocks = []
+    for out, row_filter in zip(capture(model, modules, torch.from_numpy(ids).to(device)), row_filters):
+        acts = out.reshape(b * t, -1).float().cpu().numpy()
+        keep = row_filter.mask(token_ids, acts)
+        blocks.append(RowBlock(np.ascontiguousarray(acts[keep]), tokens[keep].astype(np.int32),
+                               ids.astype(np.int32), index))
+    return blocks
 
 
 def read_manifest(acts_dir: str | Path) -> dict:

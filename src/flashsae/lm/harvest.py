@@ -1,6 +1,7 @@
-"""Harvest: write one module's activations over a corpus to a resumable directory of shards.
+"""Harvest: write modules' activations over a corpus to resumable directories of shards.
 
-Layout of ACTS_DIR:
+Layout of ACTS_DIR (one hook; with several, one such directory per hook, ACTS_DIR/<hook>/, all
+filled from the same forward passes):
 
     manifest.json                 model, hook, corpus, dtype, d_in, rows, context, shards, ...
     acts-00000.npy                (rows, d_in) activations (or .safetensors, tensor "activations")
@@ -45,8 +46,9 @@ class HarvestConfig:
     model: str
     """Transformers model: a local directory or a name in the local Hugging Face cache (never downloaded)."""
 
-    hook: str
-    """Module whose output is captured, named as in model.named_modules() (e.g. transformer.h.6, encoder.layer.2)."""
+    hook: str | tuple[str, ...]
+    """Module whose output is captured, named as in model.named_modules() (e.g. transformer.h.6, encoder.layer.2);
+    several are captured in one forward pass, each into its own harvest directory OUT/<hook>/."""
 
     text: str
     """Corpus: a .txt, .jsonl (field "text") or .parquet (column "text") file, a folder of them, or a saved
@@ -79,7 +81,21 @@ class HarvestConfig:
     device: str = "auto"
     """Device for the model: cpu, cuda, cuda:N or auto."""
 
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return (self.hook,) if isinstance(self.hook, str) else tuple(self.hook)
+
     def __post_init__(self) -> None:
+        hooks = self.hooks
+        if not hooks:
+            raise ConfigError("give at least one hook")
+        twice = [h for h in hooks if hooks.count(h) > 1]
+        if twice:
+            raise ConfigError(f"hook {twice[0]!r} is given twice")
+        if len(hooks) > 1:
+            bad = [h for h in hooks if not h or h.startswith(".") or "/" in h or "\\" in h]
+            if bad:
+                raise ConfigError(f"hook {bad[0]!r} cannot name the directory OUT/<hook>/ its harvest goes to")
         for name in ("rows", "context", "batch", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -96,66 +112,121 @@ class HarvestConfig:
             raise ConfigError(f"max_norm_factor must be > 0, got {self.max_norm_factor}")
 
 
-def harvest(cfg: HarvestConfig, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Capture activations into `out` (created, resumed or, with `overwrite`, replaced).
+def hook_dirs(cfg: HarvestConfig, out: str | os.PathLike) -> dict[str, Path]:
+    """Where each hook's harvest goes: `out` itself for one hook, out/<hook>/ for several."""
+    out = Path(out)
+    return {cfg.hooks[0]: out} if len(cfg.hooks) == 1 else {h: out / h for h in cfg.hooks}
 
-    The model, the hook and the corpus are tried (one batch runs) before `out` is touched, so a
-    command that fails on them leaves nothing behind, and an existing harvest in `out` is only
-    replaced once the new one has started.
+
+def harvest(cfg: HarvestConfig, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """`harvest_many` for one hook: its activations in `out`. Returns the final manifest."""
+    if len(cfg.hooks) > 1:
+        raise ConfigError(f"{len(cfg.hooks)} hooks were given; harvest_many writes one directory per hook")
+    return harvest_many(cfg, out, overwrite=overwrite, progress=progress)[cfg.hooks[0]]
+
+
+def harvest_many(cfg: HarvestConfig, out: str | os.PathLike, *, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, dict]:
+    """Capture every hook's activations into its directory (`hook_dirs`): created, resumed or replaced.
+
+    One forward pass per batch of contexts serves all hooks. The model, the hooks and the corpus
+    are tried (one batch runs) before anything is written, so a command that fails on them leaves
+    nothing behind, and with `overwrite` the old harvest is removed only once the new one has started.
+    Each hook's directory resumes on its own: contexts a directory already holds are skipped for it.
 
     Returns:
-        The final manifest.
+        The final manifest of each hook.
 
     Raises:
-        ConfigError: `out` holds something else, or a harvest with different settings; the hook
-            is not a module of the model.
+        ConfigError: `out` holds something else, or a harvest with different settings; a hook is
+            not a module of the model.
         DataError: the model or corpus cannot be read.
     """
     out = Path(out)
-    manifest = None if overwrite else _existing(cfg, out)
-    if manifest is not None and (manifest["rows"] >= cfg.rows or manifest.get("corpus_exhausted")):
-        manifest["complete"] = True
-        _write_manifest(out, manifest)
-        return manifest
-    start = manifest["next_context"] if manifest is not None else 0
+    dirs = hook_dirs(cfg, out)
+    if len(dirs) > 1 and not overwrite:
+        _check_parent(out, dirs)
+    found = {h: None if overwrite else _existing(cfg, h, d) for h, d in dirs.items()}
+    done = {h: m for h, m in found.items() if m is not None and (m["rows"] >= cfg.rows or m.get("corpus_exhausted"))}
+    for h, m in done.items():
+        m["complete"] = True
+        _write_manifest(dirs[h], m)
+    todo = [h for h in dirs if h not in done]
+    if not todo:
+        return done
+    start = min(found[h]["next_context"] if found[h] else 0 for h in todo)
     model, tokenizer = A.load_lm(cfg.model, device=A.device_of(cfg.device))
-    module = A.find_module(model, cfg.hook)
+    modules = [A.find_module(model, h) for h in todo]
     specials = A.special_ids(tokenizer)
-    row_filter = A.RowFilter(specials, keep_special=cfg.keep_special, max_norm_factor=cfg.max_norm_factor,
-                             median_norm=manifest.get("median_norm") if manifest is not None else None)
+    filters = [A.RowFilter(specials, keep_special=cfg.keep_special, max_norm_factor=cfg.max_norm_factor,
+                           median_norm=(found[h] or {}).get("median_norm")) for h in todo]
     contexts = iter_contexts(cfg.text, tokenizer, cfg.context, start=start)
-    blocks = A.iter_row_blocks(model, module, contexts, batch=cfg.batch, row_filter=row_filter, first_context=start)
-    first = next(blocks, None)  # reads the corpus and runs the hook once: the last check before writing
-    if manifest is None:
-        manifest = _create(cfg, out)
-    manifest.update(target_rows=cfg.rows, complete=False, special_ids=specials)
-    writer = _ShardWriter(cfg, out, manifest)
+    blocks = A.iter_row_blocks(model, modules, contexts, batch=cfg.batch, row_filters=filters, first_context=start)
+    first = next(blocks, None)  # reads the corpus and runs the hooks once: the last check before writing
+    if overwrite:
+        _remove(out)
+    writers = []
+    for h, row_filter in zip(todo, filters):
+        manifest = found[h] if found[h] is not None else _create(cfg, h, dirs[h])
+        manifest.update(target_rows=cfg.rows, complete=False, special_ids=specials)
+        writers.append(_ShardWriter(cfg, dirs[h], manifest, row_filter))
+    _run(writers, itertools.chain([] if first is None else [first], blocks), cfg.rows, progress)
+    manifests = {**done, **{h: w.manifest for h, w in zip(todo, writers)}}
+    return {h: manifests[h] for h in dirs}
+
+
+def _run(writers: list[_ShardWriter], blocks, rows: int, progress: bool) -> None:
+    """Feed each batch's blocks to the writers until every one has its rows or the corpus runs out."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=cfg.rows, initial=manifest["rows"], unit="rows", unit_scale=True, desc="harvest",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for block in itertools.chain([] if first is None else [first], blocks):
-            manifest["median_norm"] = row_filter.median_norm
-            bar.update(writer.add(block))
-            if writer.done:
+    slowest = min(w.taken for w in writers)
+    with tqdm(total=rows, initial=slowest, unit="rows", unit_scale=True, desc="harvest", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for group in blocks:
+            for writer, block in zip(writers, group):
+                writer.add(block)
+            now = min(w.taken for w in writers)
+            bar.update(now - slowest)
+            slowest = now
+            if all(w.done for w in writers):
                 break
         else:
-            manifest["corpus_exhausted"] = True
-        writer.close()
-    if manifest.get("corpus_exhausted") and progress:
-        print(f"harvest: the corpus ran out after {manifest['rows']} of {cfg.rows} rows")
-    return manifest
+            for writer in writers:
+                writer.manifest["corpus_exhausted"] = not writer.done
+        for writer in writers:
+            writer.close()
+    for writer in writers:
+        if writer.manifest.get("corpus_exhausted") and progress:
+            print(f"harvest: the corpus ran out after {writer.manifest['rows']} of {rows} rows"
+                  + (f" ({writer.out})" if len(writers) > 1 else ""))
 
 
-def _settings(cfg: HarvestConfig) -> dict:
+def _settings(cfg: HarvestConfig, hook: str) -> dict:
     """The manifest's record of the settings a resumed harvest must repeat (plus model_path)."""
     settings = {_MANIFEST_KEY.get(k, k): v for k, v in asdict(cfg).items() if k in _SAME_ON_RESUME}
+    settings["hook"] = hook
     model_dir = Path(cfg.model).expanduser()
     settings["model_path"] = str(model_dir.resolve()) if model_dir.is_dir() else None
     return settings
 
 
-def _existing(cfg: HarvestConfig, out: Path) -> dict | None:
+def _check_parent(out: Path, dirs: dict[str, Path]) -> None:
+    """With several hooks, `out` may hold harvest directories only (its hooks' and others')."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    if (out / A.MANIFEST_FILE).is_file():
+        raise ConfigError(f"{out} holds the harvest of one hook, not a directory per hook; pass --overwrite "
+                          "to replace it")
+    other = sorted(p.name for p in out.iterdir()
+                   if p.name not in {d.name for d in dirs.values()} and not (p / A.MANIFEST_FILE).is_file())
+    if other:
+        raise ConfigError(f"{out} holds {other[0]!r}, which is not a harvest directory; pass --overwrite to "
+                          "replace it")
+
+
+def _existing(cfg: HarvestConfig, hook: str, out: Path) -> dict | None:
     """The manifest of the harvest in `out` to resume, or None when `out` is absent or empty; writes nothing."""
     if not out.exists():
         return None
@@ -163,7 +234,7 @@ def _existing(cfg: HarvestConfig, out: Path) -> dict | None:
         raise ConfigError(f"{out} exists and is not a directory")
     if (out / A.MANIFEST_FILE).is_file():
         manifest = A.read_manifest(out)
-        settings = _settings(cfg)
+        settings = _settings(cfg, hook)
         changed = [k for k in settings if k != "model_path" and manifest.get(k) != settings[k]]
         if changed:
             k = changed[0]
@@ -175,16 +246,20 @@ def _existing(cfg: HarvestConfig, out: Path) -> dict | None:
     return None
 
 
-def _create(cfg: HarvestConfig, out: Path) -> dict:
-    """Start a new harvest in `out`, replacing whatever is there."""
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _create(cfg: HarvestConfig, hook: str, out: Path) -> dict:
+    """Start a new harvest of `hook` in `out`, replacing whatever is there."""
+    _remove(out)
     (out / A.TOKENS_DIR).mkdir(parents=True)
     from flashsae import __version__
 
-    manifest = {"format": A.MANIFEST_FORMAT, "format_version": A.MANIFEST_VERSION, **_settings(cfg),
+    manifest = {"format": A.MANIFEST_FORMAT, "format_version": A.MANIFEST_VERSION, **_settings(cfg, hook),
                 "d_in": None, "rows": 0, "target_rows": cfg.rows, "complete": False, "next_context": 0,
                 "median_norm": None, "special_ids": [], "shards": [], "aux_files": [A.TOKENS_DIR],
                 "library_version": __version__}
@@ -193,28 +268,40 @@ def _create(cfg: HarvestConfig, out: Path) -> dict:
 
 
 class _ShardWriter:
-    """Buffers row blocks and writes shards of whole contexts, updating the manifest after each."""
+    """Buffers one hook's row blocks and writes shards of whole contexts, updating the manifest after each."""
 
-    def __init__(self, cfg: HarvestConfig, out: Path, manifest: dict):
-        self.cfg, self.out, self.manifest = cfg, out, manifest
+    def __init__(self, cfg: HarvestConfig, out: Path, manifest: dict, row_filter: A.RowFilter):
+        self.cfg, self.out, self.manifest, self.row_filter = cfg, out, manifest, row_filter
         self.acts: list[np.ndarray] = []
         self.tokens: list[np.ndarray] = []
         self.contexts: dict[int, np.ndarray] = {}
         self.pending = 0
 
     @property
+    def taken(self) -> int:
+        """Rows written or buffered."""
+        return self.manifest["rows"] + self.pending
+
+    @property
     def done(self) -> bool:
-        return self.manifest["rows"] + self.pending >= self.cfg.rows
+        return self.taken >= self.cfg.rows
 
     def add(self, block: A.RowBlock) -> int:
-        """Take the block's rows (up to the target); write full shards. Returns the rows taken."""
+        """Take the block's rows (up to the target) of contexts this directory lacks; write full shards.
+
+        Returns:
+            The rows taken.
+        """
+        self.manifest["median_norm"] = self.row_filter.median_norm
         if self.manifest["d_in"] is None:
             self.manifest["d_in"] = int(block.acts.shape[1])
-        n = min(len(block.acts), self.cfg.rows - self.manifest["rows"] - self.pending)
-        self.acts.append(block.acts[:n])
-        self.tokens.append(block.tokens[:n])
+        new = block.tokens[:, 1] >= self.manifest["next_context"]  # a resumed directory may be ahead of others
+        n = min(int(new.sum()), self.cfg.rows - self.taken)
+        self.acts.append(block.acts[new][:n])
+        self.tokens.append(block.tokens[new][:n])
         for i, ctx in enumerate(block.contexts):
-            self.contexts[block.first_context + i] = ctx
+            if block.first_context + i >= self.manifest["next_context"]:
+                self.contexts[block.first_context + i] = ctx
         self.pending += n
         while self.pending >= self.cfg.shard_rows:
             self._flush(self.cfg.shard_rows)

@@ -113,7 +113,8 @@ class ActivationStream:
         self._filter = A.RowFilter(A.special_ids(tokenizer), keep_special=cfg.keep_special,
                                    max_norm_factor=cfg.max_norm_factor)
         contexts = iter_contexts(cfg.text, tokenizer, cfg.context, cycle=True)
-        self._blocks = A.iter_row_blocks(model, module, contexts, batch=cfg.lm_batch, row_filter=self._filter)
+        self._blocks = (blocks[0] for blocks in A.iter_row_blocks(
+            model, [module], contexts, batch=cfg.lm_batch, row_filters=[self._filter]))
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="flashsae-activations", daemon=True)
