@@ -123,7 +123,7 @@ def test_bad_csv_messages(tmp_path, content, message):
     (np.zeros((5, 0), np.float32), "0 columns"),
     (np.zeros((0, 3), np.float32), "no rows"),
     (np.zeros(4, np.float32), "expected 2-D"),
-    (np.zeros((2, 2, 2), np.float32), "expected 2-D"),
+    (np.zeros((2, 2, 2, 2), np.float32), "expected 2-D"),  # 3-D .npy files are images
     (np.zeros((2, 2), np.complex64), "complex"),
     (np.array([["a", "b"]]), "non-numeric"),
 ])

@@ -175,7 +175,7 @@ def test_file_errors(tmp_path):
     "array, message",
     [
         (np.zeros(5, np.float32), r"has shape \(5,\); expected 2-D data \(rows, features\)"),
-        (np.zeros((2, 3, 4), np.float32), r"has shape \(2, 3, 4\); expected 2-D data \(rows, features\)"),
+        (np.zeros((2, 3, 4, 5), np.float32), r"has shape \(2, 3, 4, 5\); expected 2-D data \(rows, features\)"),
         (np.zeros((0, 3), np.float32), r"has no rows"),
         (np.zeros((3, 0), np.float32), r"has 0 columns"),
         (np.array([["a", "b"]]), r"holds non-numeric data of dtype <U1"),

@@ -177,7 +177,8 @@ def open_source(data, *, key: str | None = None, image_shape=None,
 
     Args:
         data: a 2-D numpy array or torch tensor (kept in memory as float32); a path to a
-            .npy (memory-mapped), .npz, .csv, .tsv or .safetensors file or to a directory of
+            .npy (memory-mapped; a 3-D .npy of images (n, H, W) is read as rows of H * W values,
+            with image_shape (H, W) unless given), .npz, .csv, .tsv or .safetensors file or to a directory of
             .npy/.safetensors shards; or a built-in name, "digits" or "synthetic" (a str equal
             to a built-in name means the built-in; pass a Path for a file of that name).
         key: array name inside .npz / tensor name inside .safetensors (and shards); optional
@@ -219,7 +220,7 @@ def _open_path(path: Path, name: str, key, image_shape) -> Source:
         raise DataError(f"{name} is empty (0 bytes)")
     if ext == ".npy":
         _reject_key(key, name)
-        return ArraySource(_memmap_npy(path, name), name, image_shape=image_shape)
+        return _open_npy(path, name, image_shape)
     if ext == ".npz":
         return ArraySource(_load_npz(path, name, key), name, image_shape=image_shape)
     if ext in (".csv", ".tsv"):
@@ -340,16 +341,42 @@ def _as_float32_array(data) -> np.ndarray:
     return _readonly(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def _memmap_npy(path: Path, name: str) -> np.ndarray:
+def _open_npy(path: Path, name: str, image_shape) -> ArraySource:
+    """A .npy file of rows (n, d), or of images (n, H, W) read as rows of H * W values, memory-mapped."""
+    shape, fortran_order, dtype = _npy_header(path, name)
+    if len(shape) != 3:
+        if len(shape) > 3:
+            raise DataError(f"{name} has shape {tuple(shape)}; expected 2-D data (rows, features) "
+                            "or 3-D images (n, H, W)")
+        return ArraySource(_memmap_npy(path, name), name, image_shape=image_shape)
+    n, h, w = shape
+    _validate_array((n, h * w), dtype, name)
+    if fortran_order and n > 1:  # its rows are not contiguous: a reshape would copy the whole file
+        raise DataError(f"{name} holds images (n, H, W) in Fortran order; save it in C order "
+                        "(np.save(path, np.ascontiguousarray(images))) to read it as rows")
+    images = _load_npy(path, name)
+    return ArraySource(images.reshape(n, h * w), name, image_shape=image_shape or (h, w))
+
+
+def _npy_header(path: Path, name: str) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a .npy file's header."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read_header(f)
+            return read_header(f)
     except _PARSE_ERRORS as e:
         raise DataError(f"{name} is not a valid .npy file ({e})") from None
+
+
+def _memmap_npy(path: Path, name: str) -> np.ndarray:
+    shape, _, dtype = _npy_header(path, name)
     _validate_array(shape, dtype, name)
+    return _load_npy(path, name)
+
+
+def _load_npy(path: Path, name: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except _PARSE_ERRORS as e:
