@@ -122,7 +122,8 @@ class TrainConfig:
     """Compute precision of the matrix products: float32, bfloat16 (master weights stay float32), or auto: bfloat16 for topk/batchtopk where the hardware multiplies bf16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs of compute capability 8.0+), else float32."""
 
     threads: int | None = None
-    """CPU threads for PyTorch; None picks 1 for small steps (batch*d_in*d_sae < 2^27), else PyTorch's default."""
+    """CPU threads for PyTorch; None picks 1 for small steps (batch*d_in*d_sae < 2^27), else
+    PyTorch's default (recorded in config.json). CPU runs are bit-identical for the same threads."""
 
     eval_every: int | None = None
     """Steps between held-out evaluations (also the early-stopping check); None picks 10 per run, 0 only at the end."""

@@ -195,3 +195,13 @@ def test_a_run_says_when_the_curve_had_not_flattened(capsys):
     _, result = flashsae.train("digits", k=4, latents=64, epochs=200, batch_size=64, lr=1e-3, seed=0, device="cpu",
                                quiet=True)
     assert not any("still falling" in n for n in result.notes), result.history[-3:]
+
+
+def test_waiting_openmp_threads_sleep_unless_told_otherwise():
+    code = "import flashsae, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.strip() == "ACTIVE"
