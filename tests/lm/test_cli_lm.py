@@ -133,3 +133,42 @@ def test_harvest_several_hooks_then_train_on_one(tmp_path, tiny_gpt2, corpus, ca
                  "--batch-size", "100", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["data_stats"]["n_rows"] == 600 and cfg["data_stats"]["d_in"] == 64
+
+
+def test_evaluate_finds_model_hook_and_corpus_from_another_directory(tmp_path, monkeypatch, tiny_gpt2, corpus,
+                                                                    capsys):
+    import shutil
+
+    from flashsae.data import open_source
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(corpus, work / "corpus.txt")
+    monkeypatch.chdir(work)  # relative paths, as people type them
+    assert main(harvest_args(tiny_gpt2, "corpus.txt", "acts")) == 0
+    assert main(["train", "acts", "--latents", "32", "--k", "4", "--rows", "2000", "--batch-size", "100",
+                 "--out", "runs/x", "--quiet"]) == 0
+    manifest = json.loads((work / "acts" / "manifest.json").read_text())
+    assert open_source("acts").provenance == {
+        "model": str(tiny_gpt2.resolve()), "hook": "transformer.h.0", "text": str(work / "corpus.txt"),
+        "context": 32, "keep_special": False, "next_context": manifest["next_context"], "path": str(work / "acts")}
+
+    monkeypatch.chdir(elsewhere)
+    evaluate = ["evaluate", str(work / "runs" / "x"), "--text", str(work / "corpus.txt"), "--rows", "64", "--json"]
+    assert main(evaluate) == 0
+    metrics = json.loads(capsys.readouterr().out)["downstream"]
+    assert (metrics["model"], metrics["hook"]) == (str(tiny_gpt2.resolve()), "transformer.h.0")
+    assert metrics["context"] == 32 and metrics["start_context"] == manifest["next_context"]
+
+    # A run that records its provenance needs no harvest at all any more.
+    config = work / "runs" / "x" / "config.json"
+    cfg = json.loads(config.read_text())
+    if "provenance" not in cfg["data_stats"]:  # until training copies Source.provenance into data_stats
+        cfg["data_stats"]["provenance"] = open_source(work / "acts").provenance
+        config.write_text(json.dumps(cfg))
+    assert cfg["data_stats"]["provenance"] == {**open_source(work / "acts").provenance}
+    shutil.rmtree(work / "acts")
+    assert main(evaluate) == 0
+    again = json.loads(capsys.readouterr().out)["downstream"]
+    assert (again["hook"], again["start_context"]) == ("transformer.h.0", manifest["next_context"])

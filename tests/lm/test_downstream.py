@@ -100,3 +100,23 @@ def test_provenance_defaults_and_errors(tmp_path, gpt2, corpus):
     with pytest.raises(DataError, match="no contexts after the first 100000"):
         D.downstream_metrics(sae, model, tok, "transformer.h.0", corpus, rows=32, context=32, start_context=100_000)
     assert D.is_causal_lm(model) and not D.is_causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_provenance_order_and_the_harvest_above_the_run(tmp_path, monkeypatch):
+    import json
+
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    recorded = {"model": "/models/m", "hook": "h.1", "context": 16, "keep_special": False, "text": "/c.txt",
+                "next_context": 5}
+    (acts / A.MANIFEST_FILE).write_text(json.dumps({"format": A.MANIFEST_FORMAT, "format_version": A.MANIFEST_VERSION,
+                                                    "rows": 10, "d_in": 4, "provenance": recorded}))
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    config = {"data": {"data": "acts"}, "data_stats": {"n_rows": 10, "d_in": 4}}
+    monkeypatch.chdir(tmp_path / "runs")
+    assert D.provenance(config) == {}  # acts/ is not beside the current directory
+    assert D.provenance(config, run_dir) == recorded  # ... but above the run
+    assert D.provenance({**config, "data_stats": {"n_rows": 11, "d_in": 4}}, run_dir) == {}  # another harvest
+    own = {**recorded, "hook": "h.2"}
+    assert D.provenance({**config, "data_stats": {"provenance": own}}, run_dir) == own  # the run's record first

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
         metrics["downstream"] = evaluate_downstream(
             model, text=args.text, model=args.model, hook=args.hook, rows=args.rows, context=args.context,
-            batch=args.lm_batch, skip_contexts=args.skip_contexts, device=args.device, progress=show)
+            batch=args.lm_batch, skip_contexts=args.skip_contexts, device=args.device, run_dir=args.run_dir,
+            progress=show)
     out = Path(args.out) if args.out else Path(args.run_dir) / "evaluation.json"
     io.write_json(out, metrics)
     if args.json:

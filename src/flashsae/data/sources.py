@@ -45,6 +45,9 @@ class Source:
         d_in: columns per row.
         image_shape: (H, W) when each row is an image, else None.
         ground_truth: planted atoms (atoms, d_in), unit-norm rows, for synthetic data; else None.
+        provenance: what produced the rows, as the shard directory's manifest.json records it under
+            "provenance" (`flashsae harvest`: model, hook, corpus, ...), plus "path", the directory's
+            absolute path; else None.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Source:
     d_in: int
     image_shape: tuple[int, int] | None = None
     ground_truth: np.ndarray | None = None
+    provenance: dict | None = None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32 C-contiguous (stop - start, d_in); may be a read-only view."""
@@ -259,7 +263,10 @@ def _open_dir(path: Path, name: str, key, image_shape) -> Source:
                             f"has {shards[0].d_in}; all shards must have the same width")
     if image_shape is None:
         image_shape = info.get("image_shape")
-    return ShardedSource(shards, name, image_shape=image_shape)
+    source = ShardedSource(shards, name, image_shape=image_shape)
+    if isinstance(info.get("provenance"), dict):
+        source.provenance = {**info["provenance"], "path": str(path.resolve())}
+    return source
 
 
 def _listed_shard(path: Path, entry) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,27 +119,57 @@ def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 40
     return acc.result(causal)
 
 
-def provenance(run_config: dict) -> dict:
+_PROVENANCE = ("model", "hook", "context", "keep_special", "text", "next_context")
+
+
+def provenance(run_config: dict, run_dir: str | os.PathLike | None = None) -> dict:
     """Where a run's activations came from: model, hook, context, keep_special, text, next_context.
 
-    From config.json's data_stats.activations (trained on the fly) or from the manifest of the
-    harvest directory it was trained on, if that still exists; {} when unknown.
+    In order: what the run recorded of its harvest (config.json's data_stats.provenance, absolute
+    paths), what it recorded of a capture on the fly (data_stats.activations), else the manifest
+    of the harvest directory it was trained on, if it still exists: the data path as recorded when
+    absolute; when relative, from the current directory or from a directory above `run_dir`, and
+    only a harvest with the run's rows and width. {} when unknown.
     """
-    streamed = (run_config.get("data_stats") or {}).get("activations")
-    if streamed:
-        return {k: streamed.get(k) for k in ("model", "hook", "context", "keep_special", "text")}
-    data = (run_config.get("data") or {}).get("data")
-    if not isinstance(data, str) or not (Path(data) / A.MANIFEST_FILE).is_file():
+    stats = run_config.get("data_stats") or {}
+    for recorded in (stats.get("provenance"), stats.get("activations")):
+        if isinstance(recorded, dict) and recorded.get("model") and recorded.get("hook"):
+            return {k: recorded.get(k) for k in _PROVENANCE}
+    acts = _harvest_dir(run_config, run_dir)
+    if acts is None:
         return {}
-    m = A.read_manifest(data)
+    m = A.read_manifest(acts)
+    if isinstance(m.get("provenance"), dict):  # absolute paths
+        return {k: m["provenance"].get(k) for k in _PROVENANCE}
     return {"model": m.get("model_path") or m.get("model"), "hook": m.get("hook"), "context": m.get("context"),
             "keep_special": m.get("keep_special"), "text": m.get("text"), "next_context": m.get("next_context")}
 
 
+def _harvest_dir(run_config: dict, run_dir) -> Path | None:
+    """The absolute path of the harvest directory a run was trained on, or None (see `provenance`)."""
+    data = (run_config.get("data") or {}).get("data")
+    if not isinstance(data, str):
+        return None
+    stats = run_config.get("data_stats") or {}
+    path = Path(data).expanduser()
+    bases = [Path.cwd()] + (list(Path(run_dir).resolve().parents) if run_dir is not None else [])
+    for candidate in [path] if path.is_absolute() else [base / path for base in bases]:
+        if (candidate / A.MANIFEST_FILE).is_file():
+            m = A.read_manifest(candidate)
+            same = [stats.get(k) in (None, m.get(key)) for k, key in (("n_rows", "rows"), ("d_in", "d_in"))]
+            if all(same):  # the rows the run was trained on, not another harvest of that name
+                return candidate.resolve()
+    return None
+
+
 def evaluate_downstream(sae, *, text, model: str | None = None, hook: str | None = None, rows: int = 4096,
                         context: int | None = None, batch: int = 8, skip_contexts: int | None = None,
-                        device: str = "auto", progress: bool = False) -> dict:
+                        device: str = "auto", run_dir: str | os.PathLike | None = None,
+                        progress: bool = False) -> dict:
     """`downstream_metrics` with defaults from the run's provenance (see `provenance`).
+
+    `run_dir`, the directory the run was loaded from, helps find the harvest of a run that did not
+    record its provenance.
 
     Without `skip_contexts`, evaluating on the corpus a harvest was cut from starts after the
     contexts it harvested, so the contexts are held out.
@@ -146,7 +177,7 @@ def evaluate_downstream(sae, *, text, model: str | None = None, hook: str | None
     Raises:
         ConfigError: the model or hook is neither given nor recorded by the run.
     """
-    prov = provenance(getattr(sae, "run_config", None) or {})
+    prov = provenance(getattr(sae, "run_config", None) or {}, run_dir)
     model, hook = model or prov.get("model"), hook or prov.get("hook")
     if not model or not hook:
         raise ConfigError("--model and --hook are needed: the run does not record which model and module "

@@ -3,7 +3,7 @@
 Layout of ACTS_DIR (one hook; with several, one such directory per hook, ACTS_DIR/<hook>/, all
 filled from the same forward passes):
 
-    manifest.json                 model, hook, corpus, dtype, d_in, rows, context, shards, ...
+    manifest.json                 model, hook, corpus, dtype, d_in, rows, context, shards, provenance, ...
     acts-00000.npy                (rows, d_in) activations (or .safetensors, tensor "activations")
     tokens/tokens-00000.npy       (rows, 3) int32: token id, context index, position
     tokens/contexts-00000.npy     (contexts, context) int32 token ids of the contexts the shard's rows
@@ -169,6 +169,7 @@ def harvest_many(cfg: HarvestConfig, out: str | os.PathLike, *, overwrite: bool 
     for h, row_filter in zip(todo, filters):
         manifest = found[h] if found[h] is not None else _create(cfg, h, dirs[h])
         manifest.update(target_rows=cfg.rows, complete=False, special_ids=specials)
+        manifest.setdefault("provenance", _provenance(cfg, h))  # a harvest begun by an older flashsae
         writers.append(_ShardWriter(cfg, dirs[h], manifest, row_filter))
     _run(writers, itertools.chain([] if first is None else [first], blocks), cfg.rows, progress)
     manifests = {**done, **{h: w.manifest for h, w in zip(todo, writers)}}
@@ -262,7 +263,7 @@ def _create(cfg: HarvestConfig, hook: str, out: Path) -> dict:
     manifest = {"format": A.MANIFEST_FORMAT, "format_version": A.MANIFEST_VERSION, **_settings(cfg, hook),
                 "d_in": None, "rows": 0, "target_rows": cfg.rows, "complete": False, "next_context": 0,
                 "median_norm": None, "special_ids": [], "shards": [], "aux_files": [A.TOKENS_DIR],
-                "library_version": __version__}
+                "library_version": __version__, "provenance": _provenance(cfg, hook)}
     _write_manifest(out, manifest)  # from here on the directory is a (resumable) harvest
     return manifest
 
@@ -354,5 +355,18 @@ def _save_acts(path: Path, acts: np.ndarray, dtype: str) -> None:
         save_file({"activations": torch.from_numpy(acts).to(STORE_DTYPES[dtype]).contiguous()}, str(tmp))
 
 
+def _provenance(cfg: HarvestConfig, hook: str) -> dict:
+    """Where this directory's rows come from, for the runs trained on it (`Source.provenance`).
+
+    Paths are absolute so that `flashsae evaluate` finds the model and the corpus from any directory.
+    """
+    model_dir = Path(cfg.model).expanduser()
+    return {"model": str(model_dir.resolve()) if model_dir.is_dir() else cfg.model, "hook": hook,
+            "text": str(Path(cfg.text).expanduser().resolve()), "context": cfg.context,
+            "keep_special": cfg.keep_special, "next_context": 0}
+
+
 def _write_manifest(out: Path, manifest: dict) -> None:
+    if "provenance" in manifest:
+        manifest["provenance"]["next_context"] = manifest["next_context"]  # the contexts harvested so far
     io.atomic_write_text(out / A.MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
