@@ -90,3 +90,32 @@ def test_report_renders_in_headless_chromium(digits_run, tmp_path):
         h, w = mpimg.imread(run_dir / name).shape[:2]
         expected.append(f"{w}x{h}")
     assert decoded.group(1).split(",") == expected
+
+
+DOWNSTREAM = {"model": "/models/minilm", "hook": "encoder.layer.2", "text": "/data/heldout.txt", "context": 64,
+              "start_context": 312, "kind": "encoder", "contexts": 16, "spliced_positions": 992, "hook_fvu": 0.2512,
+              "hook_l0": 31.9, "hidden_cosine": 0.8874, "hidden_mse": 0.0123, "pooled_cosine": 0.9071,
+              "hidden_cosine_zero": 0.0213, "hidden_mse_zero": 0.25, "pooled_cosine_zero": 0.05}
+
+
+def with_evaluation(run_dir, tmp_path, evaluation: dict):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    io.write_json(copy / "evaluation.json", evaluation)
+    return copy
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_spliced_metrics_are_a_table(digits_run, tmp_path, with_data):
+    run_dir, _ = digits_run
+    evaluation = {"data": "heldout.npy", "rows": 100, "fvu": 0.31, "downstream": DOWNSTREAM} if with_data else \
+        {"downstream": DOWNSTREAM}
+    page = render_report(with_evaluation(run_dir, tmp_path, evaluation))
+    assert "{&quot;" not in page  # no raw JSON cell
+    assert "<h2>Spliced into /models/minilm at encoder.layer.2</h2>" in page
+    assert ("encoder model; contexts of 64 tokens from /data/heldout.txt, starting at context 312") in page
+    table = page.split('<table id="downstream">')[1].split("</table>")[0]
+    cells = re.findall(r"<tr><td>([a-z_0-9]+)</td><td[^>]*>([^<]*)</td>", table)
+    assert cells[:3] == [("hidden_cosine", "0.8874"), ("hidden_mse", "0.0123"), ("pooled_cosine", "0.9071")]
+    assert {k for k, _ in cells} == set(DOWNSTREAM) - {"model", "hook", "text", "context", "start_context", "kind"}
+    assert ('<table id="evaluation">' in page) == with_data

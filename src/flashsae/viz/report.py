@@ -51,6 +51,28 @@ _METRIC_NOTES = {
     "recovery": "mean best cosine similarity of planted atoms with learned atoms",
 }
 
+# The metrics of `flashsae evaluate --text` (flashsae.lm.downstream), in page order.
+_DOWNSTREAM_NOTES = {
+    "loss_recovered": "(zero - spliced) / (zero - clean): 1 is perfect, 0 is no better than ablating",
+    "loss_clean": "next-token cross-entropy of the model as it is (nats)",
+    "loss_spliced": "next-token cross-entropy with the SAE's reconstruction spliced in",
+    "loss_zero": "next-token cross-entropy with the hooked output zero-ablated",
+    "kl_spliced": "mean KL(clean || spliced) of the next-token distributions",
+    "kl_zero": "mean KL(clean || zero-ablated)",
+    "hidden_cosine": "final hidden states, spliced vs clean: mean cosine per token",
+    "hidden_mse": "final hidden states, spliced vs clean: mean squared error per token",
+    "pooled_cosine": "mean-pooled embedding, spliced vs clean: mean cosine per context",
+    "hidden_cosine_zero": "as hidden_cosine, zero-ablated: the floor to compare with",
+    "hidden_mse_zero": "as hidden_mse, zero-ablated",
+    "pooled_cosine_zero": "as pooled_cosine, zero-ablated",
+    "hook_fvu": "FVU of the reconstruction at the hook on these contexts",
+    "hook_l0": "active latents per token at the hook",
+    "contexts": "contexts evaluated",
+    "spliced_positions": "token positions whose activation was replaced",
+}
+# What says where a downstream evaluation ran; shown above its table, not in it.
+_DOWNSTREAM_SETTINGS = ("model", "hook", "text", "context", "start_context", "kind")
+
 
 def write_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the report of a run or sweep directory to `out` (default: PATH/report.html) and return it."""
@@ -103,7 +125,11 @@ def _run_body(path: Path) -> list[str]:
     evaluation = path / "evaluation.json"
     if evaluation.is_file():
         ev = io.read_json(evaluation)
-        body += [f"<h2>Evaluation on {_e(ev.get('data', 'other data'))}</h2>", _metrics_table(ev, "evaluation")]
+        down = ev.pop("downstream", None)
+        if set(ev) - {"data"}:
+            body += [f"<h2>Evaluation on {_e(ev.get('data', 'other data'))}</h2>", _metrics_table(ev, "evaluation")]
+        if isinstance(down, dict):
+            body += _downstream(down)
     for name, heading, caption in _RUN_FIGURES:
         if (path / name).is_file():
             body += [f"<h2>{_e(heading)}</h2>", _figure(path / name, caption)]
@@ -139,11 +165,20 @@ def _sweep_body(path: Path) -> list[str]:
     return body
 
 
-def _metrics_table(metrics: dict, table_id: str) -> str:
-    keys = [k for k in _METRIC_NOTES if k in metrics] + [k for k in metrics if k not in _METRIC_NOTES]
+def _downstream(down: dict) -> list[str]:
+    """The spliced evaluation (`flashsae evaluate --text`): where it ran, then its metrics as a table."""
+    where = (f"{_e(down.get('kind', '?'))} model; contexts of {_e(down.get('context', '?'))} tokens from "
+             f"{_e(down.get('text', '?'))}, starting at context {_e(down.get('start_context', 0))}")
+    metrics = {k: v for k, v in down.items() if k not in _DOWNSTREAM_SETTINGS}
+    return [f"<h2>Spliced into {_e(down.get('model', 'the model'))} at {_e(down.get('hook', '?'))}</h2>",
+            f'<p class="sub">{where}</p>', _metrics_table(metrics, "downstream", _DOWNSTREAM_NOTES)]
+
+
+def _metrics_table(metrics: dict, table_id: str, notes: dict = _METRIC_NOTES) -> str:
+    keys = [k for k in notes if k in metrics] + [k for k in metrics if k not in notes]
     lines = [f'<table id="{table_id}"><thead><tr><th>metric</th><th>value</th><th>meaning</th></tr></thead><tbody>']
     for k in keys:
-        lines.append(f"<tr><td>{_e(k)}</td>{_cell(metrics[k])}<td>{_e(_METRIC_NOTES.get(k, ''))}</td></tr>")
+        lines.append(f"<tr><td>{_e(k)}</td>{_cell(metrics[k])}<td>{_e(notes.get(k, ''))}</td></tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
 
