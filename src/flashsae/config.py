@@ -86,7 +86,8 @@ class TrainConfig:
     """Rows per optimizer step; None picks 4096, or less so that an epoch has at least 8 steps."""
 
     rows: int | None = None
-    """Training rows to process in total (over several epochs); None picks max(20 epochs, 2M rows) capped at 200 epochs."""
+    """Training rows to process in total (over several epochs); None picks max(20 epochs, 2M rows)
+    capped at 200 epochs."""
 
     epochs: float | None = None
     """Alternative to rows: number of passes over the training rows."""
@@ -119,7 +120,9 @@ class TrainConfig:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
 
     dtype: str = "auto"
-    """Compute precision of the matrix products: float32, bfloat16 (master weights stay float32), or auto: bfloat16 for topk/batchtopk where the hardware multiplies bf16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs of compute capability 8.0+), else float32."""
+    """Compute precision of the matrix products: float32, bfloat16 (master weights stay float32), or
+    auto: bfloat16 for topk/batchtopk where the hardware multiplies bf16 natively (CPUs with
+    AVX512-BF16 or AMX, CUDA GPUs of compute capability 8.0+), else float32."""
 
     threads: int | None = None
     """CPU threads for PyTorch; None picks 1 for small steps (batch*d_in*d_sae < 2^27), else

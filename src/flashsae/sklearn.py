@@ -1,9 +1,10 @@
 """`SparseAutoencoder`: the scikit-learn estimator facade over the flashsae engine.
 
 `fit` is one call of `flashsae.train.api.train` (the same run the CLI makes); `partial_fit` drives
-one `TrainingRun` through the same loop, extended by a number of steps for each new block of rows; `transform` encodes with the trained encoder or with
-orthogonal matching pursuit (`flashsae.omp`) over the learned decoder atoms. The estimator only
-translates parameters and arrays: it holds no training logic of its own. Imports `train`,
+one `TrainingRun` through the same loop, extended by a number of steps for each new block of rows;
+`transform` encodes with the trained encoder or with orthogonal matching pursuit (`flashsae.omp`)
+over the learned decoder atoms. The estimator only translates parameters and arrays: it holds no
+training logic of its own. Imports `train`,
 `models`, `preprocess`, `data` and `omp`; nothing imports this module except `flashsae.__init__`.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
 except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(estimator, X, **kwargs):
-        return estimator._validate_data(X, **kwargs)
+        return estimator._validate_data(X, **kwargs)  # noqa: SLF001 - scikit-learn's own API before 1.6
 
 TRANSFORM_ALGORITHMS = ("encoder", "omp")
 _DTYPES = [np.float64, np.float32]

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.HELP, epilog=getattr(module, "EPILOG", None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(subcommand=module)
     return parser
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._module.run(args) or 0)
+        return int(args.subcommand.run(args) or 0)
     except Interrupted as e:  # a checkpoint was written; the message says how to continue
         print(f"flashsae: {e}", file=sys.stderr)
         return e.exit_code

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from flashsae.errors import Interrupted
     from flashsae.lm.harvest import HarvestConfig, harvest_many, hook_dirs
 
-    skip = {"out", "overwrite", "quiet", "json", "command", "_module", "hook"}
+    skip = {"out", "overwrite", "quiet", "json", "command", "subcommand", "hook"}
     hook = args.hook[0] if len(args.hook) == 1 else tuple(args.hook)
     cfg = HarvestConfig(hook=hook, **{k: v for k, v in vars(args).items() if k not in skip})
     try:

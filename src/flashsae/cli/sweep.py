@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("data", nargs="?", default=None,
                    help="file, shard directory, or built-in name: digits (default) or synthetic")
-    p.add_argument("--out", required=True, help="sweep directory: OUT/<name> per model, OUT/sweep.csv, OUT/tradeoff.png")
+    p.add_argument("--out", required=True,
+                   help="sweep directory: OUT/<name> per model, OUT/sweep.csv, OUT/tradeoff.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing models and tables in OUT")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep in OUT with the same options: finished models are kept, "
@@ -55,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_log_flags(p)
     grid_dests: set[str] = set()
     add_option_flags(p, wrap=lambda group: _SeveralValues(group, grid_dests))
-    p.set_defaults(_grid_dests=frozenset(grid_dests))
+    p.set_defaults(grid_dests=frozenset(grid_dests))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print_json({"out": str(result.out), "models": result.rows})
     elif not args.quiet:
         print(format_table(result.rows))
-        print(f"wrote {len(result.rows)} models, {result.out / io.SWEEP_TABLE_FILE} and {result.out / io.TRADEOFF_FILE}")
+        out = result.out
+        print(f"wrote {len(result.rows)} models, {out / io.SWEEP_TABLE_FILE} and {out / io.TRADEOFF_FILE}")
     return 0
 
 
@@ -81,15 +83,15 @@ def grid_from_args(args: argparse.Namespace) -> list[dict]:
     from flashsae.train.sweep import expand_grid
 
     skip = {"data", "out", "overwrite", "resume", "quiet", "json", "separate", "tensorboard", "wandb", "command",
-            "_module", "_grid_dests"}
+            "subcommand", "grid_dests"}
     axes, fixed = {}, {}
     for key, value in vars(args).items():
         if key in skip:
             continue
-        if key in args._grid_dests and len(value) > 1:
+        if key in args.grid_dests and len(value) > 1:
             axes[key] = value
         else:
-            fixed[key] = value[0] if key in args._grid_dests else value
+            fixed[key] = value[0] if key in args.grid_dests else value
     return expand_grid(axes, fixed)
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from flashsae.train.api import train
 
     skip = {"data", "out", "overwrite", "resume", "quiet", "json", "tensorboard", "wandb", "dist_timeout", "command",
-            "_module", "stop_after_steps"}
+            "subcommand", "stop_after_steps"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
     _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
                       quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,

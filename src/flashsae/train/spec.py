@@ -69,7 +69,7 @@ class RunSpec:
                 or DATA together with on-the-fly options.
         """
         opts = canonical(options)
-        architecture = opts.pop("architecture", None) or "topk"
+        architecture = opts.pop("architecture", None) or models.DEFAULT
         models.get(architecture)  # validates the name
         stream_opts = {k: opts.pop(k) for k in list(opts) if k in STREAM_FIELDS}
         stream = None
