@@ -243,3 +243,11 @@ def test_several_hooks_user_errors(tmp_path, tiny_gpt2, corpus):
         H.harvest_many(cfg(tiny_gpt2, corpus, hook=("transformer.h.0", "transformer.h.7")), tmp_path / "new",
                        progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_model_and_corpus_may_be_paths(tmp_path, tiny_gpt2, corpus):
+    m = H.harvest(H.HarvestConfig(model=tiny_gpt2, hook="transformer.h.0", text=corpus, rows=100, context=32),
+                  tmp_path / "acts", progress=False)
+    assert (m["model"], m["text"], m["rows"]) == (str(tiny_gpt2), str(corpus), 100)
+    assert H.harvest(H.HarvestConfig(model=str(tiny_gpt2), hook="transformer.h.0", text=str(corpus), rows=100,
+                                     context=32), tmp_path / "acts", progress=False)["rows"] == 100  # resumes

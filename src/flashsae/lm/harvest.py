@@ -205,7 +205,7 @@ def _run(writers: list[_ShardWriter], blocks, rows: int, progress: bool) -> None
 def _settings(cfg: HarvestConfig, hook: str) -> dict:
     """The manifest's record of the settings a resumed harvest must repeat (plus model_path)."""
     settings = {_MANIFEST_KEY.get(k, k): v for k, v in asdict(cfg).items() if k in _SAME_ON_RESUME}
-    settings["hook"] = hook
+    settings.update(hook=hook, model=os.fspath(cfg.model), text=os.fspath(cfg.text))  # a Path given as a path
     model_dir = Path(cfg.model).expanduser()
     settings["model_path"] = str(model_dir.resolve()) if model_dir.is_dir() else None
     return settings
@@ -361,7 +361,7 @@ def _provenance(cfg: HarvestConfig, hook: str) -> dict:
     Paths are absolute so that `flashsae evaluate` finds the model and the corpus from any directory.
     """
     model_dir = Path(cfg.model).expanduser()
-    return {"model": str(model_dir.resolve()) if model_dir.is_dir() else cfg.model, "hook": hook,
+    return {"model": str(model_dir.resolve()) if model_dir.is_dir() else os.fspath(cfg.model), "hook": hook,
             "text": str(Path(cfg.text).expanduser().resolve()), "context": cfg.context,
             "keep_special": cfg.keep_special, "next_context": 0}
 
