@@ -1,3 +1,4 @@
+import html
 import os
 import re
 import shutil
@@ -9,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import flashsae  # noqa: E402
-from flashsae.lm.browse import build_site  # noqa: E402
+from flashsae.lm.browse import build_site, token_texts  # noqa: E402
 from flashsae.lm.harvest import HarvestConfig, harvest  # noqa: E402
 
 
@@ -96,3 +97,89 @@ def test_top_row_matches_a_direct_search(site):
     page = (site / "site" / "latent-00007.html").read_text()
     top = float(re.search(r"<span class='val'>([-0-9.e+]+)</span>", page).group(1))
     assert top == pytest.approx(float(np.max(codes[:, 7])), rel=1e-3)
+
+
+# ---- contexts read as the tokenizer decodes them --------------------------------------------------
+
+SAMPLE = "This must not be called if WIFSTOPPED(status) is true; it isn't. Caf\u00e9 na\u00efve \u6771\u4eac"
+
+
+def sentencepiece_tokenizer(corpus):
+    """A tiny Unigram tokenizer with SentencePiece's \u2581 word starts, trained on the corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.Unigram())
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    sp.train_from_iterator([corpus.read_text()[:200_000], SAMPLE], trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=["<unk>", "</s>"], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module", params=["wordpiece", "byte-level-bpe", "sentencepiece"])
+def tokenizer(request, minilm, tiny_gpt2, corpus):
+    from transformers import AutoTokenizer
+
+    if request.param == "wordpiece":
+        return request.param, AutoTokenizer.from_pretrained(minilm)  # all-MiniLM-L6-v2's own
+    if request.param == "byte-level-bpe":
+        return request.param, AutoTokenizer.from_pretrained(tiny_gpt2)  # GPT-2's scheme, trained on the corpus
+    return request.param, sentencepiece_tokenizer(corpus)
+
+
+def test_token_texts_join_as_the_tokenizer_decodes(tokenizer):
+    kind, tok = tokenizer
+    ids = tok(SAMPLE)["input_ids"]
+    pieces = token_texts(tok, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces) == tok.decode(ids)
+    marker = {"wordpiece": "##", "byte-level-bpe": "\u0120", "sentencepiece": "\u2581"}[kind]
+    assert all(marker not in p for p in pieces)
+    words = tok.decode(ids, skip_special_tokens=True).split()
+    assert "must" in words and "not" in words  # spaces only where the decoded text has them
+    for start in range(1, len(ids)):  # a window that starts anywhere, even inside a word
+        window = token_texts(tok, ids, start)
+        assert len(window) == len(ids) - start and all(marker not in p for p in window)
+        assert "".join(pieces[:start]) + "".join(window) == tok.decode(ids) or kind == "byte-level-bpe"
+
+
+def test_wordpiece_continuations_join_their_word(minilm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm)
+    ids = tok("called if WIFSTOPPED", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["called", "if", "wi", "##fs", "##top", "##ped"]
+    assert token_texts(tok, ids) == ["called", " if", " wi", "fs", "top", "ped"]
+    assert token_texts(tok, ids, 3) == ["fs", "top", "ped"]  # no "##" where a window starts mid-word
+
+
+@pytest.fixture(scope="module")
+def minilm_site(tmp_path_factory, minilm, corpus):
+    base = tmp_path_factory.mktemp("browse-minilm")
+    harvest(HarvestConfig(model=str(minilm), hook="encoder.layer.2", text=str(corpus), rows=3000, context=32,
+                          batch=16), base / "acts", progress=False)
+    flashsae.train(base / "acts", arch="topk", latents=64, k=4, rows=12_000, batch_size=256, out=base / "run",
+                   quiet=True)
+    build_site(base / "run", base / "acts", base / "site", latents=8, top=5)
+    return base
+
+
+def context_texts(page: str) -> list[str]:
+    """The text of each top-activating context of a latent page, as a browser shows it."""
+    divs = re.findall(r"<div class=.ctx.>(.*?)</div>", page, flags=re.S)
+    return [html.unescape(re.sub(r"<[^>]+>", "", re.sub(r"<span class=.val.>.*?</span>", "", d))) for d in divs]
+
+
+def test_minilm_contexts_read_as_words(minilm_site, minilm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm)
+    texts = [t for j in range(8) for t in context_texts((minilm_site / "site" / f"latent-{j:05d}.html").read_text())]
+    assert len(texts) >= 20
+    assert not any("##" in t for t in texts)
+    joined = {w for t in texts for w in re.findall(r"(?<![\w#])[a-z]{4,}(?![\w#])", t)}
+    assert len(joined) > 20
+    assert any(len(tok.tokenize(w)) > 1 for w in joined)  # whole words built from several pieces
+    page = (minilm_site / "site" / "latent-00000.html").read_text()
+    assert "</span> <span class='tok" in page and "title='0'> " not in page  # spaces go outside the shaded spans

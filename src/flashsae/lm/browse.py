@@ -5,7 +5,8 @@
 (see `viz.site` for the pages). It reads the activations twice: once for firing statistics and
 top-activating rows, once for activation histograms; then it encodes the rows around each top
 example to shade its context. Tokens are decoded with the tokenizer named in the manifest when it
-loads offline, else shown as ids; the tokens a latent promotes come from its decoder row through
+loads offline (a context as the tokenizer decodes running text, one piece per token: `token_texts`),
+else shown as ids; the tokens a latent promotes come from its decoder row through
 the model's output embedding when the model has an LM head.
 Imports io, data and lm.site; transformers only through lm.activations.
 """
@@ -76,7 +77,7 @@ def build_site(run_dir, acts_dir, out, *, latents: int | None = None, top: int =
     stats = _first_pass(sae, source, n_rows, chunk, top, progress)
     hist = _histograms(sae, source, n_rows, chunk, pages, stats.top_values[pages, 0], bins, progress)
     tokenizer, lm = _load_model(manifest, with_model=promoted)
-    decode = _decoder(tokenizer)
+    decode = _Decoder(tokenizer)
     examples = _examples(sae, source, tokens, pages, stats, window, chunk, decode)
     promoted_tokens = _promoted(sae, lm, decode, pages)
     out = Path(out)
@@ -206,23 +207,65 @@ def _examples(sae, source, tokens: _TokenIndex, pages, stats: _Stats, window: in
             inside = (positions >= lo) & (positions < hi)
             for rr, p in zip(row_ids[inside], positions[inside]):
                 acts[p - lo] = values[where[int(rr)], page_col[j]]
+            pieces = decode.span(ids, lo, hi)
             items.append({"value": float(v), "center": pos - lo, "token": decode(int(ids[pos])),
-                          "tokens": [(decode(int(t)), float(a)) for t, a in zip(ids[lo:hi], acts)]})
+                          "tokens": list(zip(pieces, acts.tolist()))})
         out[j] = items
     return out
 
 
-def _decoder(tokenizer):
-    if tokenizer is None:
-        return lambda t: f"#{t}"
-    cache: dict[int, str] = {}
+_ANCHOR_TOKENS = 4  # decoded before a window so that it starts as in running text (no "##", whole characters)
 
-    def decode(t: int) -> str:
-        if t not in cache:
-            cache[t] = tokenizer.decode([t], clean_up_tokenization_spaces=False)
-        return cache[t]
 
-    return decode
+def token_texts(tokenizer, ids, start: int = 0) -> list[str]:
+    """The text each of ids[start:] adds when the tokenizer decodes `ids` in order; ids[:start] is context.
+
+    Joined, the pieces are the decoded text after the context, so sub-words join as the tokenizer
+    joins them (WordPiece "##", byte-level BPE, SentencePiece "▁") and a piece starts with a space
+    only where the decoded text has one. A token that changes text decoded before it (it completes a
+    character whose bytes began in an earlier token) takes that text over from the earlier pieces.
+    """
+    ids = [int(t) for t in ids]
+
+    def decode(n: int) -> str:
+        return tokenizer.decode(ids[:n], skip_special_tokens=False)
+
+    pieces: list[str] = []
+    done = decode(start)
+    for i in range(start + 1, len(ids) + 1):
+        text = decode(i)
+        common = len(os.path.commonprefix([done, text]))
+        excess = len(done) - common
+        for j in range(len(pieces) - 1, -1, -1):  # give back what the new token rewrote
+            if excess <= 0:
+                break
+            cut = min(excess, len(pieces[j]))
+            pieces[j], excess = pieces[j][:len(pieces[j]) - cut], excess - cut
+        pieces.append(text[common:])
+        done = text
+    return pieces
+
+
+class _Decoder:
+    """Token ids as text: one token alone (`decoder(id)`), or a window of a context (`span`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, t: int) -> str:
+        if self.tokenizer is None:
+            return f"#{t}"
+        if t not in self.cache:
+            self.cache[t] = self.tokenizer.decode([t], clean_up_tokenization_spaces=False)
+        return self.cache[t]
+
+    def span(self, ids: np.ndarray, lo: int, hi: int) -> list[str]:
+        """The text of ids[lo:hi], one piece per token, decoded as in running text."""
+        if self.tokenizer is None:
+            return [("" if i == lo else " ") + f"#{int(ids[i])}" for i in range(lo, hi)]
+        anchor = max(0, lo - _ANCHOR_TOKENS)
+        return token_texts(self.tokenizer, ids[anchor:hi], lo - anchor)
 
 
 def _load_model(manifest: dict, *, with_model: bool):

@@ -1,8 +1,8 @@
-"""HTML of the latent browser: an index with a search box and one page per latent. Pure string building.
+"""HTML of the latent browser: an index with a search box and sortable columns, one page per latent.
 
 Pages are self-contained (inline CSS, inline JavaScript on the index, histograms as inline SVG) so
 the site works from the file system with no server and no network. Every text that comes from
-data or a tokenizer is escaped. Imports nothing from flashsae.
+data or a tokenizer is escaped. Pure string building; imports nothing from flashsae.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ tr:nth-child(even) { background: #f6f6f6; }
 .center { outline: 1px solid #333; }
 .val { color: #666; display: inline-block; width: 5em; }
 input#search { font-size: 1em; padding: 4px; width: 22em; margin-bottom: 1em; }
+#latents th { cursor: pointer; user-select: none; }
+#latents th[aria-sort=ascending]::after { content: ' \\25B2'; }
+#latents th[aria-sort=descending]::after { content: ' \\25BC'; }
 """
 
 _SEARCH_JS = """
@@ -33,6 +36,31 @@ function filter() {
 box.addEventListener('input', filter);
 box.value = new URLSearchParams(location.search).get('q') || '';  // index.html?q=the opens filtered
 filter();
+"""
+
+_SORT_JS = """
+// Click a column header to sort by it: numbers largest first, text A to Z; click again to reverse.
+document.querySelectorAll('#latents th').forEach(function (th, col) {
+  th.title = 'sort by ' + th.textContent;
+  th.addEventListener('click', function () {
+    var num = th.dataset.type === 'num';
+    var first = num ? 'descending' : 'ascending';
+    var order = th.getAttribute('aria-sort') === first ? (num ? 'ascending' : 'descending') : first;
+    document.querySelectorAll('#latents th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', order);
+    var body = document.querySelector('#latents tbody');
+    var key = function (tr) {
+      var td = tr.children[col];
+      return num ? parseFloat(td.dataset.v) : td.textContent.toLowerCase();
+    };
+    var rows = Array.prototype.slice.call(body.rows).map(function (tr, i) { return [key(tr), i, tr]; });
+    rows.sort(function (a, b) {  // ties keep their current order
+      var c = a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0;
+      return (order === 'ascending' ? c : -c) || a[1] - b[1];
+    });
+    rows.forEach(function (r) { body.appendChild(r[2]); });
+  });
+});
 """
 
 
@@ -57,17 +85,19 @@ def index_page(latents, with_page: set[int], *, run: str, acts: str, n_rows: int
     for p in latents:
         name = f"<a href='{page_name(p.latent)}'>{p.latent}</a>" if p.latent in with_page else str(p.latent)
         rows.append(f"<tr data-id='{p.latent}' data-token='{html.escape(p.top_token, quote=True)}'>"
-                    f"<td>{name}</td>"
-                    f"<td>{p.frequency:.4%}</td><td>{p.mean_activation:.3g}</td><td>{p.max_activation:.3g}</td>"
+                    f"<td data-v='{p.latent}'>{name}</td><td data-v='{p.frequency!r}'>{p.frequency:.4%}</td>"
+                    f"<td data-v='{p.mean_activation!r}'>{p.mean_activation:.3g}</td>"
+                    f"<td data-v='{p.max_activation!r}'>{p.max_activation:.3g}</td>"
                     f"<td class='tok'>{_show(p.top_token)}</td></tr>")
     body = (f"<h1>Latents of {html.escape(run)}</h1>"
             f"<p>{len(latents)} latents ({dead} never fire) over {n_rows:,} rows of {html.escape(acts)}; "
             f"{len(with_page)} have pages (linked).</p>"
             "<input id='search' type='search' placeholder='filter by latent id or top token'>"
-            "<table id='latents'><thead><tr><th>latent</th><th>firing frequency</th><th>mean activation</th>"
-            "<th>max activation</th><th class='tok'>top token</th></tr></thead><tbody>"
+            "<table id='latents'><thead><tr><th data-type='num'>latent</th>"
+            "<th data-type='num'>firing frequency</th><th data-type='num'>mean activation</th>"
+            "<th data-type='num'>max activation</th><th class='tok' data-type='text'>top token</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
-    return _doc(f"flashsae latents: {run}", body, _SEARCH_JS)
+    return _doc(f"flashsae latents: {run}", body, _SEARCH_JS + _SORT_JS)
 
 
 def latent_page(p, *, run: str, n_rows: int) -> str:
@@ -90,10 +120,13 @@ def latent_page(p, *, run: str, n_rows: int) -> str:
 
 
 def _token_span(token: str, act: float, peak: float, center: bool) -> str:
+    """One token's text as its own shaded span; the spaces it starts with go before the span, unshaded."""
     alpha = 0.0 if peak <= 0 else max(0.0, min(1.0, act / peak))
     cls = "tok center" if center else "tok"
-    return (f"<span class='{cls}' style='background-color: rgba(255, 120, 0, {alpha:.3f})' "
-            f"title='{act:.4g}'>{_show(token)}</span>")
+    body = token.lstrip(" ") or token  # a token of spaces only keeps them
+    space = token[:len(token) - len(body)]
+    return (f"{space}<span class='{cls}' style='background-color: rgba(255, 120, 0, {alpha:.3f})' "
+            f"title='{act:.4g}'>{_show(body)}</span>")
 
 
 def histogram_svg(counts, edges, width: int = 480, height: int = 120) -> str:
