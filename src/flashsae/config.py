@@ -140,6 +140,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Steps between checkpoints for --resume; 0 writes one only when interrupted."""
 
+    rows_on_device: str = "auto"
+    """Put the training rows on the device once and shuffle them there (the same batches as read
+    from the host): auto (on CUDA when they fit in a quarter of the free memory, or when the data is
+    a CUDA tensor), yes, or no."""
+
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -165,6 +170,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.rows_on_device not in ("auto", "yes", "no"):
+            raise ConfigError(f"rows_on_device must be auto, yes or no, got {self.rows_on_device!r}")
 
 
 def to_dict(cfg) -> dict:

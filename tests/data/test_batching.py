@@ -208,3 +208,17 @@ def test_epoch_over_a_large_npy_keeps_anonymous_memory_small(tmp_path):
         path.unlink()
     assert result["memmap"] and result["batches"] == 99 and result["seen"] == 99 * 4096
     assert result["growth"] < 150, result
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("start", [0, 3, 7])
+def test_the_plan_names_the_rows_of_every_batch(drop_last, start):
+    x = np.arange(1000, dtype=np.float32).reshape(-1, 1) * np.ones((1, 3), np.float32)
+    it = BatchIterator(ArraySource(x, "x"), np.arange(3, 1000, 2), 24, seed=5, chunk_rows=100, drop_last=drop_last,
+                       shard=(1, 2))
+    for epoch in (0, 1):
+        batches = list(it.epoch(epoch, start_batch=start))
+        plans = list(it.plan(epoch, start_batch=start))
+        assert len(batches) == len(plans) > 0
+        for batch, ids in zip(batches, plans):
+            np.testing.assert_array_equal(batch[:, 0], ids.astype(np.float32))

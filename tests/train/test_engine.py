@@ -205,3 +205,17 @@ def test_waiting_openmp_threads_sleep_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_rows_on_the_device_give_the_same_batches_and_weights_as_the_host_feed():
+    x, y, _ = _planted_pair(n=3000)
+    opts = dict(latents=64, k=3, rows=6400, batch_size=64, seed=1, device="cpu", quiet=True, threads=1)
+    host, _ = flashsae.train(x, rows_on_device="no", **opts)
+    device, _ = flashsae.train(x, rows_on_device="yes", **opts)
+    for name, tensor in host.state_dict().items():
+        assert torch.equal(tensor, device.state_dict()[name]), name
+
+
+def test_rows_on_device_is_checked():
+    with pytest.raises(ConfigError, match="rows_on_device must be auto, yes or no, got 'maybe'"):
+        flashsae.train("digits", rows_on_device="maybe", quiet=True)

@@ -6,7 +6,8 @@ which batch) is computed on row ids alone, so it is a pure function of (seed, ep
 can skip batches without reading their data. A background thread reads ahead.
 `BatchIterator` plans one stream; `RowBatches` serves several named streams of the same rows
 (`x`, `y`, ...) as one BatchSource, the protocol the training loop reads: `batches_per_epoch()`
-and `epoch(epoch, start_batch)` yielding {stream: batch}.
+and `epoch(epoch, start_batch)` yielding {stream: batch}; `DeviceBatches` serves the same batches
+from rows held on the training device (torch is imported there only).
 Imports only `errors`; never imports preprocess, models, trainer or cli.
 """
 from __future__ import annotations
@@ -151,38 +152,65 @@ class BatchIterator:
             stop.set()
             thread.join()
 
-    def _batches(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
-        """The batch sequence; the plan uses ids only, data is read only for batches yielded."""
+    def _windows(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """The shuffle plan of `epoch`, on row ids alone: per block read, (ids carried over from the
+        previous window, the block's ids, the permutation of the window [carry; block], the number of
+        full batches it gives). Batch i of a window is rows perm[i * bs:(i + 1) * bs] of the window;
+        the rest of the permutation is carried over."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self._blocks)) if self.shuffle else range(len(self._blocks))
         bs = self.batch_size
         carry_ids = np.zeros(0, np.int64)
-        carry = None  # data of carry_ids, None when not yet read (after skipped blocks)
-        emitted = 0  # batch index of the next full batch
         for b in order:
             ids = self._blocks[b]
             n_pool = len(carry_ids) + len(ids)
             perm = rng.permutation(n_pool) if self.shuffle else np.arange(n_pool)
-            n_full = n_pool // bs
+            yield carry_ids, ids, perm, n_pool // bs
+            carry_ids = np.concatenate([carry_ids, ids])[perm[n_pool // bs * bs:]]
+
+    def plan(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
+        """The row ids of this rank's share of each batch `epoch` yields, from `start_batch` on.
+
+        The same batches, in the same order, as `epoch()`: a source that holds every row already
+        (rows on the device) gathers them itself.
+        """
+        emitted, rest = 0, np.zeros(0, np.int64)
+        bs = self.batch_size
+        lo, hi = self._my_rows(bs)
+        for carry_ids, ids, perm, n_full in self._windows(epoch):
+            window = np.concatenate([carry_ids, ids])
+            for i in range(max(0, start_batch - emitted), n_full):
+                yield window[perm[i * bs + lo:i * bs + hi]]
+            emitted += n_full
+            rest = window[perm[n_full * bs:]]
+        if not self.drop_last and len(rest) and emitted >= start_batch:
+            lo, hi = self._my_rows(len(rest))
+            yield rest[lo:hi]
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
+        """The batch sequence; the plan uses ids only, data is read only for batches yielded."""
+        bs = self.batch_size
+        carry = None  # data of the rows carried into the next window, None when not read (skipped)
+        left = np.zeros(0, np.int64)  # ids of those rows
+        emitted = 0  # batch index of the next full batch
+        for carry_ids, ids, perm, n_full in self._windows(epoch):
+            rest = perm[n_full * bs:]
+            left = np.concatenate([carry_ids, ids])[rest]
             if emitted + n_full <= start_batch:  # every batch from this window is skipped
-                carry_ids = np.concatenate([carry_ids, ids])[perm[n_full * bs:]]
                 carry, emitted = None, emitted + n_full
                 continue
             if carry is None:
                 carry = self.source.take(carry_ids)
             block = self.source.take(ids)
             lo, hi = self._my_rows(bs)
-            for i in range(n_full):
-                if emitted + i >= start_batch:
-                    yield _gather(carry, block, perm[i * bs + lo:i * bs + hi])
-            rest = perm[n_full * bs:]
-            carry_ids = np.concatenate([carry_ids, ids])[rest]
+            for i in range(max(0, start_batch - emitted), n_full):
+                yield _gather(carry, block, perm[i * bs + lo:i * bs + hi])
             carry = _gather(carry, block, rest)
             emitted += n_full
             del block  # free the window before the next read
-        if not self.drop_last and len(carry_ids) and emitted >= start_batch:
-            lo, hi = self._my_rows(len(carry_ids))
-            yield carry[lo:hi] if carry is not None else self.source.take(carry_ids[lo:hi])
+        if not self.drop_last and len(left) and emitted >= start_batch:
+            lo, hi = self._my_rows(len(left))
+            yield carry[lo:hi] if carry is not None else self.source.take(left[lo:hi])
 
     def _my_rows(self, n: int) -> tuple[int, int]:
         """This rank's rows [lo, hi) of an n-row global batch."""
@@ -241,3 +269,26 @@ class NamedBatches:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
         for batch in self.inner.epoch(epoch, start_batch):
             yield {self.name: batch}
+
+
+class DeviceBatches:
+    """The BatchSource of rows already on the training device: {stream: tensor} batches gathered there.
+
+    `planner` (a BatchIterator over the same row ids) says which rows form each batch, so the
+    batches and their order are those the host path reads for the same seed; only the gathering
+    moves to the device (one index_select per stream and batch, no host copy).
+    """
+
+    def __init__(self, rows: dict, planner: BatchIterator):
+        self.rows, self.planner = rows, planner
+
+    def batches_per_epoch(self) -> int:
+        return self.planner.batches_per_epoch()
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        import torch
+
+        device = next(iter(self.rows.values())).device
+        for ids in self.planner.plan(epoch, start_batch):
+            idx = torch.from_numpy(ids).to(device, non_blocking=True)
+            yield {name: t.index_select(0, idx) for name, t in self.rows.items()}

@@ -23,7 +23,7 @@ import torch
 
 from flashsae import distributed
 from flashsae.data import open_source, split_rows
-from flashsae.data.batching import NamedBatches, RowBatches
+from flashsae.data.batching import DeviceBatches, NamedBatches, RowBatches
 from flashsae.data.device import to_device
 from flashsae.errors import ConfigError, DataError
 from flashsae.preprocess import Scan, Standardizer, require_finite, scan
@@ -77,14 +77,45 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class _Rows:
-    """Sources read from memory or files: every stream is a Source with the same rows."""
+DEVICE_SHARE = 0.25
+"""rows_on_device=auto puts the rows on a CUDA device when they take at most this share of its free memory."""
 
-    def __init__(self, streams: dict):
+
+class _Rows:
+    """Sources read from memory or files: every stream is a Source with the same rows.
+
+    `tensors`: streams given as tensors on a CUDA device, trained from where they are.
+    """
+
+    def __init__(self, streams: dict, tensors: dict | None = None):
         self.streams = streams
+        self.tensors = tensors or {}
 
     def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int]):
         return RowBatches(self.streams, train_ids, batch_size, seed=seed, shard=shard)
+
+    def on_device(self, setting: str, device: torch.device) -> bool:
+        """Whether the rows go to `device` once (rows_on_device: auto, yes, no)."""
+        if setting != "auto":
+            return setting == "yes"
+        if device.type != "cuda":
+            return False
+        if self.tensors and len(self.tensors) == len(self.streams):
+            return True
+        size = sum(s.n_rows * s.d_in * 4 for s in self.streams.values())
+        return size <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+
+    def device_batches(self, host: RowBatches, device: torch.device) -> DeviceBatches:
+        """The same batches as `host`, gathered from a copy of every row on `device`."""
+        rows = {}
+        for name, src in self.streams.items():
+            given = self.tensors.get(name)
+            if given is not None and given.device == device:
+                rows[name] = given.float()
+            else:
+                a = np.asarray(src.read(0, src.n_rows), dtype=np.float32)
+                rows[name] = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+        return DeviceBatches(rows, host.iterators["x"])
 
     def describe(self) -> dict | None:
         return None
@@ -102,6 +133,9 @@ class _OnTheFly:
 
     def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int]):
         return NamedBatches(self.stream.batches(train_ids, batch_size, seed=seed), "x")
+
+    def on_device(self, setting: str, device: torch.device) -> bool:
+        return False  # the capture never ends: there is no whole set of rows to put anywhere
 
     def describe(self) -> dict:
         return {"activations": self.stream.describe()}
@@ -122,8 +156,10 @@ def open_data(data, spec: RunSpec, *, comm: distributed.Comm, resume: bool, show
     named = dict(given) if isinstance(given, Mapping) else {"x": given}
     if "x" not in named:
         raise DataError(f"named streams must include 'x'; got {', '.join(map(str, named))}")
-    streams = {}
+    streams, tensors = {}, {}
     for name, value in named.items():
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            tensors[name] = value
         is_synthetic = isinstance(value, str) and value == "synthetic"
         streams[name] = open_source(value, key=dc.key, image_shape=dc.image_shape if name == "x" else None,
                                     synthetic=dc.synthetic_params() if is_synthetic else None)
@@ -131,7 +167,7 @@ def open_data(data, spec: RunSpec, *, comm: distributed.Comm, resume: bool, show
     if len(rows) > 1:
         raise DataError("streams " + ", ".join(f"{n} ({s.n_rows} rows)" for n, s in streams.items())
                         + " must have the same number of rows")
-    return _Rows(streams)
+    return _Rows(streams, tensors)
 
 
 @dataclass
@@ -148,6 +184,7 @@ class DataPass:
     standardizers: dict[str, Standardizer]   # one per stream, fitted on the training rows
     fingerprint: str
     seed: int
+    rows_on_device: str = "auto"
     _b_dec: dict = field(default_factory=dict)  # initial b_dec by (threads, inputs): computed once
 
     @classmethod
@@ -189,7 +226,7 @@ class DataPass:
                                                           spec.data.standardize) for name, s in scans.items()}
         device = comm.device(resolve_device(spec.train.device))
         return cls(opened, comm, device, scans["x"], train_ids, val_ids, batch_size, standardizers, fp,
-                   spec.train.seed)
+                   spec.train.seed, spec.train.rows_on_device)
 
     # ---- what the runs read ---------------------------------------------------------------
     @property
@@ -218,7 +255,13 @@ class DataPass:
         """The pass's BatchSource: `epoch(e, start_batch)` yields {stream: tensor} on the device, standardised."""
         inner = self.data.batches(self.train_ids, self.batch_size, seed=self.seed,
                                   shard=(self.comm.rank, self.comm.world_size))
+        if self.rows_go_to_device():
+            inner = self.data.device_batches(inner, self.device)
         return _Standardised(inner, self.device, {n: s.to(self.device) for n, s in self.standardizers.items()})
+
+    def rows_go_to_device(self) -> bool:
+        """Whether the batches are gathered from rows held on the device (TrainConfig.rows_on_device)."""
+        return self.data.on_device(self.rows_on_device, self.device)
 
     def data_stats(self) -> dict:
         """config.json's data_stats: what was read and how it was split."""
@@ -267,8 +310,9 @@ class _Standardised:
         return self.inner.batches_per_epoch()
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        for raw in to_device(self.inner.epoch(epoch, start_batch), self.device):
-            yield {name: self.standardizers[name](t) for name, t in raw.items()}
+        raw = self.inner.epoch(epoch, start_batch)
+        for batch in raw if isinstance(self.inner, DeviceBatches) else to_device(raw, self.device):
+            yield {name: self.standardizers[name](t) for name, t in batch.items()}
 
 
 def _without(stats: Scan, source, val_ids: np.ndarray) -> Scan:

@@ -93,7 +93,8 @@ class TrainingRun:
         self.trainer = Trainer(self.model, cfg, total_steps=self.total_steps, dead_after_rows=dead_after, comm=comm)
         resolved = {"batch_size": dpass.batch_size, "total_steps": self.total_steps, "lr": self.trainer.base_lr,
                     "dtype": self.trainer.dtype, "dead_after_rows": dead_after, "device": str(dpass.device),
-                    "world_size": comm.world_size, "threads": threads, **kernels.describe(dpass.device)}
+                    "world_size": comm.world_size, "threads": threads, "rows_on_device": dpass.rows_go_to_device(),
+                    **kernels.describe(dpass.device)}
         self.config = io.run_config(spec.architecture, model_cfg, train=cfg, data=spec.data,
                                            preprocess={"mode": spec.data.standardize},
                                            data_stats=dpass.data_stats(), resolved=resolved)
