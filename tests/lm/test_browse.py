@@ -183,3 +183,104 @@ def test_minilm_contexts_read_as_words(minilm_site, minilm):
     assert any(len(tok.tokenize(w)) > 1 for w in joined)  # whole words built from several pieces
     page = (minilm_site / "site" / "latent-00000.html").read_text()
     assert "</span> <span class='tok" in page and "title='0'> " not in page  # spaces go outside the shaded spans
+
+
+# ---- in a browser ----------------------------------------------------------------------------------
+
+def need_chromium():
+    if chromium() is None:
+        if os.environ.get("FLASHSAE_REQUIRE_CHROMIUM"):
+            pytest.fail("FLASHSAE_REQUIRE_CHROMIUM is set but no chromium is installed")
+        pytest.skip("chromium is not installed")
+
+
+def screenshot(url: str, png, profile, size=(1200, 900)) -> np.ndarray:
+    """The page as headless Chromium draws it: (H, W, channels) floats in [0, 1]."""
+    from matplotlib import image as mpimg
+
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}", f"--screenshot={png}", url]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return mpimg.imread(png)
+
+
+def ink(picture: np.ndarray) -> float:
+    """Fraction of dark pixels: text on the white page."""
+    return float((picture[..., :3].mean(-1) < 0.5).mean())
+
+
+# Appended to a copy of the index: click headers as a person would and record the row order after each.
+SORT_PROBE = """<script>
+var th = document.querySelectorAll('#latents th');
+function order() { return [...document.querySelectorAll('#latents tbody tr')].map(tr => tr.dataset.id).join(','); }
+th[1].click(); document.body.dataset.freqDown = order() + ';' + th[1].getAttribute('aria-sort');
+th[1].click(); document.body.dataset.freqUp = order() + ';' + th[1].getAttribute('aria-sort');
+th[4].click(); document.body.dataset.tokenUp = order() + ';' + th[4].getAttribute('aria-sort');
+th[0].click(); document.body.dataset.idDown = order() + ';' + th[0].getAttribute('aria-sort');
+</script>"""
+
+
+def test_index_columns_sort_on_click(site, tmp_path):
+    need_chromium()
+    index = (site / "site" / "index.html").read_text()
+    rows = re.findall(r"<tr data-id='(\d+)'[^>]*><td data-v='\d+'>.*?</td><td data-v='([^']+)'>.*?"
+                      r"<td class='tok'>(.*?)</td></tr>", index)
+    assert len(rows) == 64
+    probe = site / "site" / "sort-probe.html"
+    probe.write_text(index.replace("</body>", SORT_PROBE + "</body>"))
+    try:
+        dom = dump_dom(probe.as_uri(), tmp_path / "profile")
+    finally:
+        probe.unlink()
+    got = {k: v.split(";") for k, v in re.findall(r'data-(freq-down|freq-up|token-up|id-down)="([^"]*)"', dom)}
+    ids = [r[0] for r in rows]
+    freq = {r[0]: float(r[1]) for r in rows}
+    down = sorted(ids, key=lambda i: -freq[i])
+    assert got["freq-down"] == [",".join(down), "descending"]
+    assert got["freq-up"] == [",".join(sorted(down, key=lambda i: freq[i])), "ascending"]
+    token = {r[0]: html.unescape(r[2]).lower() for r in rows}
+    by_token = got["token-up"][0].split(",")
+    assert [token[i] for i in by_token] == sorted(token[i] for i in by_token) and got["token-up"][1] == "ascending"
+    assert got["id-down"] == [",".join(sorted(ids, key=int, reverse=True)), "descending"]
+
+
+def test_minilm_browser_shows_readable_words(minilm_site, minilm, tmp_path):
+    from transformers import AutoTokenizer
+
+    need_chromium()
+    tok = AutoTokenizer.from_pretrained(minilm)
+    site = minilm_site / "site"
+    divs = []
+    for j in range(8):
+        dom = dump_dom((site / f"latent-{j:05d}.html").as_uri(), tmp_path / "profile")
+        divs += re.findall(r'<div class="ctx">(.*?)</div>', dom, flags=re.S)
+    texts = [html.unescape(re.sub(r"<[^>]+>", "", re.sub(r'<span class="val">.*?</span>', "", d))) for d in divs]
+    assert len(texts) >= 20 and not any("##" in t for t in texts)
+    words = {w for t in texts for w in re.findall(r"(?<![\w#])[a-z]{4,}(?![\w#])", t)}
+    pieced = sorted(w for w in words if len(tok.tokenize(w)) > 1)
+    assert len(words) > 20 and pieced, words  # whole words, also those the tokenizer cut into pieces
+    assert all(len(re.findall(r'<span class="tok', d)) == 21 or "[CLS]" in d or "[SEP]" in d for d in divs)
+    for page, name in ((site / "latent-00001.html", "latent"), (site / "index.html", "index")):
+        picture = screenshot(page.as_uri(), tmp_path / f"{name}.png", tmp_path / "profile")
+        assert picture.shape[:2] == (900, 1200)
+        assert 0.002 < ink(picture) < 0.5, name  # text drawn on a light page, not blank and not black
+
+
+def test_minilm_report_shows_the_spliced_metrics(minilm_site, corpus, tmp_path):
+    from flashsae.cli import main
+    from flashsae.viz.report import write_report
+
+    need_chromium()
+    run = tmp_path / "run"
+    shutil.copytree(minilm_site / "run", run)
+    assert main(["evaluate", str(run), "--text", str(corpus), "--rows", "128", "--device", "cpu", "--quiet"]) == 0
+    page = write_report(run)
+    dom = dump_dom(page.as_uri(), tmp_path / "profile")
+    assert "<h2>Spliced into " in dom and "at encoder.layer.2</h2>" in dom
+    table = dom.split('<table id="downstream">')[1].split("</table>")[0]
+    cells = dict(re.findall(r"<tr><td>([a-z_0-9]+)</td><td[^>]*>([^<]*)</td>", table))
+    assert {"hidden_cosine", "pooled_cosine", "hook_fvu", "hidden_cosine_zero"} <= set(cells)
+    assert 0 < float(cells["hidden_cosine"]) <= 1 and "{" not in table
+    picture = screenshot(page.as_uri(), tmp_path / "report.png", tmp_path / "profile", size=(1200, 2400))
+    assert 0.002 < ink(picture) < 0.5
