@@ -96,8 +96,8 @@ class TrainingRun:
                     "world_size": comm.world_size, "threads": threads, "rows_on_device": dpass.rows_go_to_device(),
                     **kernels.describe(dpass.device)}
         self.config = io.run_config(spec.architecture, model_cfg, train=cfg, data=spec.data,
-                                           preprocess={"mode": spec.data.standardize},
-                                           data_stats=dpass.data_stats(), resolved=resolved)
+                                    preprocess={"mode": spec.data.standardize}, data_stats=dpass.data_stats(),
+                                    resolved=resolved)
         self.out = out
         self.work = None
         if out is not None and comm.is_main():  # only rank 0 writes
