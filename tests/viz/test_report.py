@@ -119,3 +119,14 @@ def test_spliced_metrics_are_a_table(digits_run, tmp_path, with_data):
     assert cells[:3] == [("hidden_cosine", "0.8874"), ("hidden_mse", "0.0123"), ("pooled_cosine", "0.9071")]
     assert {k for k, _ in cells} == set(DOWNSTREAM) - {"model", "hook", "text", "context", "start_context", "kind"}
     assert ('<table id="evaluation">' in page) == with_data
+
+
+def test_nested_configuration_is_spelled_out(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    copy = with_evaluation(run_dir, tmp_path, {"data": "x.npy", "fvu": 0.5})
+    cfg = io.read_json(copy / io.CONFIG_FILE)
+    cfg["data_stats"]["provenance"] = {"model": "/models/minilm", "hook": "encoder.layer.2", "context": 64}
+    io.write_json(copy / io.CONFIG_FILE, cfg)
+    page = render_report(copy)
+    assert "<tr><td>provenance.hook</td><td>encoder.layer.2</td></tr>" in page
+    assert '<tr><td>provenance.context</td><td class="num">64</td></tr>' in page and "{&quot;" not in page

@@ -185,10 +185,19 @@ def _metrics_table(metrics: dict, table_id: str, notes: dict = _METRIC_NOTES) ->
 
 def _kv_table(title: str, values: dict) -> str:
     lines = [f'<table><thead><tr><th colspan="2">{_e(title)}</th></tr></thead><tbody>']
-    for k, v in values.items():
+    for k, v in _flat(values):
         lines.append(f"<tr><td>{_e(k)}</td>{_cell(v)}</tr>")
     lines.append("</tbody></table>")
     return "\n".join(lines)
+
+
+def _flat(values: dict, prefix: str = ""):
+    """(key, value) pairs with nested dicts spelled out as parent.child keys, so no cell holds raw JSON."""
+    for k, v in values.items():
+        if isinstance(v, dict) and v:
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def _cell(v) -> str:
