@@ -86,8 +86,8 @@ class TrainConfig:
     """Rows per optimizer step; None picks 4096, or less so that an epoch has at least 8 steps."""
 
     rows: int | None = None
-    """Training rows to process in total (over several epochs); None picks max(20 epochs, 2M rows)
-    capped at 200 epochs."""
+    """Training rows to process in total (over several epochs); None picks max(20 epochs, 2M rows,
+    2000 rows per latent) capped at 200 epochs."""
 
     epochs: float | None = None
     """Alternative to rows: number of passes over the training rows."""

@@ -93,8 +93,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Widths of ReLU hidden layers after the code layer. A nonlinear decoder has no atoms to
         pursue, so it cannot be combined with ``transform_algorithm="omp"``.
     epochs : float, default=None
-        Passes over the training rows; None uses the library default (at least 20 epochs and
-        2M rows, at most 200 epochs). In `partial_fit`, passes over each block (None: one).
+        Passes over the training rows; None uses the library default (at least 20 epochs, 2M
+        rows and 2000 rows per latent, at most 200 epochs). In `partial_fit`, passes over each
+        block (None: one).
     batch_size : int, default=None
         Rows per optimizer step; None uses the library default. Never more than the number of
         training rows, so any number of rows can be fitted.

@@ -219,3 +219,12 @@ def test_rows_on_the_device_give_the_same_batches_and_weights_as_the_host_feed()
 def test_rows_on_device_is_checked():
     with pytest.raises(ConfigError, match="rows_on_device must be auto, yes or no, got 'maybe'"):
         flashsae.train("digits", rows_on_device="maybe", quiet=True)
+
+
+def test_the_default_budget_grows_with_the_dictionary():
+    from flashsae.train.training_run import default_rows
+
+    assert default_rows(45_000, 3072) == 6_144_000          # 137 epochs: a large dictionary gets its rows
+    assert default_rows(262_144, 512) == 20 * 262_144        # 20 epochs
+    assert default_rows(50_000, 64) == 2_000_000             # at least 2M rows
+    assert default_rows(1_617, 512) == 200 * 1_617           # at most 200 epochs

@@ -42,7 +42,17 @@ class TrainResult:
         return self.rows_seen / max(self.train_seconds, 1e-9)
 
 
-def schedule(spec: RunSpec, n_train: int, batch_size: int) -> tuple[int, int, int]:
+ROWS_PER_LATENT = 2000
+"""The default budget gives a dictionary at least this many training rows per latent: a 3,072-latent
+SAE on 50k embeddings still improved at 40 epochs (held-out FVU 0.34) and reached 0.14 at 120."""
+
+
+def default_rows(n_train: int, d_sae: int) -> int:
+    """Rows a run trains on by default: max(20 epochs, 2M rows, ROWS_PER_LATENT per latent), at most 200 epochs."""
+    return min(max(20 * n_train, 2_000_000, ROWS_PER_LATENT * d_sae), 200 * n_train)
+
+
+def schedule(spec: RunSpec, n_train: int, batch_size: int, d_sae: int) -> tuple[int, int, int]:
     """(total_steps, dead_after_rows, eval_every) of a run."""
     cfg = spec.train
     if cfg.rows is not None:
@@ -50,7 +60,7 @@ def schedule(spec: RunSpec, n_train: int, batch_size: int) -> tuple[int, int, in
     elif cfg.epochs is not None:
         rows = int(cfg.epochs * n_train)
     else:
-        rows = min(max(20 * n_train, 2_000_000), 200 * n_train)
+        rows = default_rows(n_train, d_sae)
     total_steps = max(1, rows // batch_size)
     dead_after = cfg.dead_after_rows or max(batch_size, min(10_000_000, total_steps * batch_size // 10))
     eval_every = max(1, total_steps // 10) if cfg.eval_every is None else (cfg.eval_every or total_steps)
@@ -89,7 +99,8 @@ class TrainingRun:
         if self.model.target_standardizer is not None:
             self.model.target_standardizer = copy.deepcopy(dpass.standardizers[cls.targets[0]])
         self.model.to(dpass.device)
-        self.total_steps, dead_after, self.eval_every = schedule(spec, len(dpass.train_ids), dpass.batch_size)
+        self.total_steps, dead_after, self.eval_every = schedule(spec, len(dpass.train_ids), dpass.batch_size,
+                                                                 model_cfg.d_sae)
         self.trainer = Trainer(self.model, cfg, total_steps=self.total_steps, dead_after_rows=dead_after, comm=comm)
         resolved = {"batch_size": dpass.batch_size, "total_steps": self.total_steps, "lr": self.trainer.base_lr,
                     "dtype": self.trainer.dtype, "dead_after_rows": dead_after, "device": str(dpass.device),
