@@ -272,6 +272,7 @@ class DataPass:
                "image_shape": list(src.image_shape) if src.image_shape else None,
                "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean()),
                "fingerprint": self.fingerprint}
+        out["provenance"] = src.provenance  # a harvest's model, hook and corpus (absolute paths), else None
         if len(self.data.streams) > 1:
             out["streams"] = {n: {"source": s.name, "d": s.d_in} for n, s in self.data.streams.items()}
         return {**out, **(self.data.describe() or {})}
