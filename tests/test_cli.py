@@ -130,17 +130,36 @@ def test_k_larger_than_latents(tmp_path, capsys, npy_file):
                   "k (64) must not exceed the number of latents (32)", tmp_path / "o")
 
 
-@pytest.mark.parametrize("flag,value,match", [("--latents", "0", "d_sae must be >= 1"),
-                                              ("--batch-size", "-3", "batch_size must be >= 1"),
-                                              ("--rows", "0", "rows must be >= 1"),
-                                              ("--lr", "-1", "lr must be > 0")])
-def test_non_positive_sizes(tmp_path, capsys, npy_file, flag, value, match):
-    _expect_error(["train", npy_file, "--out", tmp_path / "o", *FAST, flag, value], capsys, match, tmp_path / "o")
+@pytest.mark.parametrize("flag,value,message", [("--latents", "-5", "--latents must be >= 1, got -5"),
+                                                ("--batch-size", "-3", "--batch-size must be >= 1, got -3"),
+                                                ("--rows", "0", "--rows must be >= 1, got 0"),
+                                                ("--lr", "-1", "--lr must be > 0, got -1.0"),
+                                                ("--lr-warmup", "2", "--lr-warmup must be in [0, 1], got 2.0")])
+def test_non_positive_sizes_name_the_flag(tmp_path, capsys, npy_file, flag, value, message):
+    code, _, err = run_cli(["train", npy_file, "--out", tmp_path / "o", *FAST, flag, value], capsys)
+    assert code == 2 and err == f"flashsae: error: {message}\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_option_of_another_architecture(tmp_path, capsys, npy_file):
     _expect_error(["train", npy_file, "--out", tmp_path / "o", "--arch", "relu-l1", "--k", "4"], capsys,
-                  "option 'k' applies to batchtopk, topk, not to architecture 'relu-l1'", tmp_path / "o")
+                  "option --k applies to batchtopk, topk, not to architecture 'relu-l1'", tmp_path / "o")
+
+
+def test_config_field_names_become_flags():
+    from flashsae.cli import build_parser, subcommand_parser
+    from flashsae.cli.common import with_flag_names
+
+    train = subcommand_parser(build_parser(), "train")
+    assert with_flag_names("k (64) must not exceed the number of latents (32)", train) == \
+        "--k (64) must not exceed the number of latents (32)"
+    assert with_flag_names("synthetic_active must not exceed synthetic_atoms", train) == \
+        "--synthetic-active must not exceed --synthetic-atoms"
+    assert with_flag_names("batch_size 100 is not a multiple of the 3 ranks", train) == \
+        "--batch-size 100 is not a multiple of the 3 ranks"
+    # a one-word field is renamed only as the subject of a check; paths are left alone
+    assert with_flag_names("4 of 3000 rows contain NaN in /data/d_sae/x.npy", train) == \
+        "4 of 3000 rows contain NaN in /data/d_sae/x.npy"
 
 
 def test_existing_output_without_overwrite(trained, npy_file, capsys):
@@ -173,10 +192,55 @@ def test_run_dir_problems(trained, tmp_path, capsys, npy_file):
     _expect_error(["info", tmp_path / "future"], capsys, "format_version 7")
 
 
-def test_bad_flag_exits_2(capsys):
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--k", "x", "--out", "o"],
+     "flashsae train: error: argument --k: invalid int value: 'x' (see flashsae train --help)"),
+    (["train", "--out", "x", "--no-such-flag"],
+     "flashsae train: error: unrecognized arguments: --no-such-flag (see flashsae train --help)"),
+    (["sweep", "digits", "--k", "2", "x", "--out", "o"],
+     "flashsae sweep: error: argument --k: invalid int value: 'x' (see flashsae sweep --help)"),
+    (["info"], "flashsae info: error: the following arguments are required: run_dir (see flashsae info --help)"),
+    ([], "flashsae: error: the following arguments are required: COMMAND (see flashsae --help)"),
+])
+def test_bad_flags_print_one_line_and_exit_2(capsys, argv, line):
     with pytest.raises(SystemExit) as e:
-        main(["train", "--out", "x", "--no-such-flag"])
+        main(argv)
     assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == ""
+
+
+def test_top_level_help_lists_commands_and_examples_and_imports_no_torch():
+    code = ("import sys, flashsae.cli; flashsae.cli.build_parser(); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "flashsae", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "torch" not in proc.stderr
+    from flashsae.cli import SUBCOMMANDS
+
+    for name in SUBCOMMANDS:
+        assert f"\n    {name} " in proc.stdout, name
+    assert "examples:\n  flashsae train --out runs/digits" in proc.stdout and "-V, --version" in proc.stdout
+
+
+def test_short_version_flag(capsys):
+    from flashsae import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["-V"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"flashsae {__version__}\n"
+
+
+def test_help_says_which_defaults_come_from_the_data():
+    from flashsae.cli import build_parser, subcommand_parser
+
+    help_text = {a.dest: " ".join(a.help.split()) for a in subcommand_parser(build_parser(), "train")._actions}
+    assert help_text["d_sae"] == "Number of latents (dictionary size). (default from the data: 8 x the input width)"
+    assert help_text["batch_size"].startswith("Rows per optimizer step; default from the data: 4096")
+    assert help_text["rows"].startswith("Training rows to process in total (over several epochs); default from the "
+                                        "data: max(20 epochs")
+    assert "None" not in help_text["batch_size"] + help_text["rows"] + help_text["threads"]
 
 
 def test_help_lists_generated_flags(capsys):
@@ -194,14 +258,12 @@ def test_help_lists_generated_flags(capsys):
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_help_groups_model_options_by_architecture_with_their_defaults(command):
     """A flag sits in the group of the architectures that have it; its help gives each one's default."""
-    import argparse
     import dataclasses
 
     from flashsae import models
-    from flashsae.cli import build_parser
+    from flashsae.cli import build_parser, subcommand_parser
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = sub.choices[command]
+    parser = subcommand_parser(build_parser(), command)
     title = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
     help_text = {a.dest: " ".join(a.help.split()) for a in parser._actions}
     shared = {f.name for f in dataclasses.fields(models.ModelConfig)}

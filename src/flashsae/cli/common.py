@@ -1,12 +1,25 @@
-"""Helpers shared by subcommands: flags generated from config dataclasses, output formatting."""
+"""Helpers shared by subcommands: flags generated from config dataclasses, option names in messages,
+output formatting. Imports config (no torch); the model registry only inside `add_model_flags`.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
 from flashsae.config import field_docs
+
+FLAG_NAMES = {"d_sae": "latents"}
+"""Config fields whose flag is not `--field-name`. Messages that reach the command line name the
+flag (`with_flag_names`), which the parser derives from this mapping."""
+
+DATA_DEFAULTS = {"d_sae": "8 x the input width"}
+"""Defaults that come from the data, for fields whose docstring does not say so."""
+
+FROM_DATA = frozenset({"d_sae", "batch_size", "rows", "lr", "dead_after_rows", "threads", "k_aux"})
+"""Fields whose default depends on the data (its rows, its width, or --latents which follows the width)."""
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, *, skip=(),
@@ -19,8 +32,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
             continue
         if seen is not None:
             seen.add(f.name)
-        add_field_flag(parser, f, docs.get(f.name, "") + _default_note({cls.__name__: f.default}),
-                       flag=names.get(f.name))
+        add_field_flag(parser, f, field_help(f.name, docs.get(f.name, ""), {cls.__name__: f.default}),
+                       flag=names.get(f.name, FLAG_NAMES.get(f.name)))
 
 
 def add_model_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> None:
@@ -45,8 +58,8 @@ def add_model_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> Non
         for name in option_names:
             cls = models.ModelConfig if not owners else models.get(owners[0]).config_cls
             f = next(f for f in dataclasses.fields(cls) if f.name == name)
-            add_field_flag(group, f, field_docs(cls).get(name, "") + _default_note(defaults[name]),
-                           flag="latents" if name == "d_sae" else None)
+            add_field_flag(group, f, field_help(name, field_docs(cls).get(name, ""), defaults[name]),
+                           flag=FLAG_NAMES.get(name))
 
 
 def add_field_flag(parser, f: dataclasses.Field, help_text: str, *, flag: str | None = None) -> None:
@@ -66,6 +79,41 @@ def add_field_flag(parser, f: dataclasses.Field, help_text: str, *, flag: str | 
         parser.add_argument(flag, type=float, metavar="X", **kw)
     else:
         parser.add_argument(flag, type=str, metavar="S", **kw)
+
+
+def field_help(name: str, doc: str, defaults: dict[str, object]) -> str:
+    """A field's --help: its docstring, with what None picks said as the default (marked "from the
+    data" where it depends on the data), and the owners' defaults."""
+    label = "default from the data" if name in FROM_DATA else "default"
+    text = re.sub(r"(^|; )None(?: picks|:) ", lambda m: f"{m.group(1)}{label}: ", doc)
+    if name in DATA_DEFAULTS:
+        text = f"{text} ({label}: {DATA_DEFAULTS[name]})"
+    return text + _default_note(defaults)
+
+
+def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """`message` with the config field names it mentions spelled as `parser`'s flags (d_sae -> --latents).
+
+    A field with an underscore in its name is an identifier wherever it appears; a one-word field
+    (`k`, `rows`) is renamed only as the subject of a check ("rows must be >= 1") or in "option 'k'".
+    """
+    actions = parser._actions  # noqa: SLF001 - argparse has no public accessor for a parser's flags
+    flags = {a.dest: max(a.option_strings, key=len) for a in actions
+             if a.option_strings and a.dest not in ("help", "version")}
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    edge = r"(?<![\w./-])"
+
+    def flag(m: re.Match) -> str:
+        return flags[m.group("name")]
+
+    message = re.sub(rf"option '(?P<name>{names})'", lambda m: f"option {flag(m)}", message)
+    message = re.sub(rf"{edge}(?P<name>{names})(?=(?: \([^)]*\))? must )", flag, message)
+    underscored = "|".join(sorted((re.escape(n) for n in flags if "_" in n), key=len, reverse=True))
+    if underscored:
+        message = re.sub(rf"{edge}(?P<name>{underscored})(?![\w/-])", flag, message)
+    return message
 
 
 def _type_name(t) -> str:
