@@ -192,6 +192,53 @@ def test_run_dir_problems(trained, tmp_path, capsys, npy_file):
     _expect_error(["info", tmp_path / "future"], capsys, "format_version 7")
 
 
+def test_info_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    code, _, err = run_cli(["info", tmp_path / "plain"], capsys)
+    assert code == 2 and err == (f"flashsae: error: {tmp_path / 'plain'} is not a flashsae run directory (no "
+                                 "config.json); flashsae train and flashsae import write one\n")
+
+
+def test_info_on_an_imported_model_prints_only_what_is_known(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "saelens"
+    src.mkdir()
+    W_dec = torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
+    save_file({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(32), "W_dec": W_dec, "b_dec": torch.zeros(8)},
+              str(src / "sae_weights.safetensors"))
+    (src / "cfg.json").write_text(json.dumps({"d_in": 8, "d_sae": 32, "architecture": "topk", "k": 4,
+                                              "metadata": {"hook_name": "blocks.6.hook_resid_post"}}))
+    run = tmp_path / "imported"
+    assert run_cli(["import", src, "--out", run, "--quiet"], capsys)[0] == 0
+    code, out, _ = run_cli(["info", run], capsys)
+    assert code == 0 and "None" not in out
+    from flashsae import __version__
+
+    assert out.splitlines() == [
+        f"{run}: topk sparse autoencoder, imported by flashsae {__version__}",
+        "  sizes        d_in 8, latents 32, 552 parameters",
+        "  options      --normalize-decoder, --k 4, --auxk-coef 0.03125",
+        f"  imported     from SAELens (architecture topk), {src.resolve()}; trained on hook blocks.6.hook_resid_post",
+        "  standardise  none (encodes raw rows, as the source library did)"]
+
+
+def test_decode_of_dense_arrays(trained, tmp_path, capsys):
+    np.savez(tmp_path / "dense.npz", codes=np.zeros((4, 32), np.float32))
+    code, _, err = run_cli(["decode", trained, tmp_path / "dense.npz", "--out", tmp_path / "x.npy"], capsys)
+    assert code == 2 and err == (f"flashsae: error: {tmp_path / 'dense.npz'} holds dense arrays (codes), not sparse "
+                                 "codes; flashsae decode reads the sparse codes flashsae encode writes "
+                                 "(scipy.sparse.save_npz)\n")
+    np.save(tmp_path / "dense.npy", np.zeros((4, 32), np.float32))
+    (tmp_path / "dense.npy").rename(tmp_path / "renamed.npz")
+    code, _, err = run_cli(["decode", trained, tmp_path / "renamed.npz", "--out", tmp_path / "x.npy"], capsys)
+    assert code == 2 and err == (f"flashsae: error: {tmp_path / 'renamed.npz'} is a dense .npy array, not sparse "
+                                 "codes; flashsae decode reads the sparse codes flashsae encode writes "
+                                 "(scipy.sparse.save_npz)\n")
+    assert not (tmp_path / "x.npy").exists()
+
+
 @pytest.mark.parametrize("argv, line", [
     (["train", "--k", "x", "--out", "o"],
      "flashsae train: error: argument --k: invalid int value: 'x' (see flashsae train --help)"),

@@ -182,6 +182,7 @@ def load_csr(path: str | os.PathLike, d_sae: int) -> sp.csr_matrix:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    _require_sparse_npz(path)
     try:
         codes = sp.load_npz(path).tocsr()
         codes.check_format(full_check=True)  # out-of-range indices would corrupt memory in toarray()
@@ -194,6 +195,29 @@ def load_csr(path: str | os.PathLike, d_sae: int) -> sp.csr_matrix:
     if codes.ndim != 2 or codes.shape[1] != d_sae:
         raise DataError(f"{path} has shape {codes.shape} but the model has {d_sae} latents")
     return codes
+
+
+SPARSE_MEMBERS = ("data.npy", "indices.npy", "indptr.npy", "format.npy", "shape.npy")
+"""The arrays of a scipy.sparse.save_npz file of a CSR matrix."""
+WANT_CODES = "flashsae decode reads the sparse codes flashsae encode writes (scipy.sparse.save_npz)"
+
+
+def _require_sparse_npz(path: Path) -> None:
+    """Say what a file that cannot hold sparse codes holds instead: a .npy array, dense arrays, no archive."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise DataError(f"{path} is a dense .npy array, not sparse codes; {WANT_CODES}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a .npz file; {WANT_CODES}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [n for n in zf.namelist() if n.endswith(".npy")]
+    except _NPZ_ERRORS:
+        return  # load_npz says what is wrong with it
+    if "format.npy" not in members:
+        names = ", ".join(n.removesuffix(".npy") for n in members[:5]) or "nothing"
+        raise DataError(f"{path} holds dense arrays ({names}), not sparse codes; {WANT_CODES}")
 
 
 class MappedCSR:

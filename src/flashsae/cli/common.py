@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import sys
+from pathlib import Path
 
 from flashsae.config import field_docs
 
@@ -114,6 +115,26 @@ def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
     if underscored:
         message = re.sub(rf"{edge}(?P<name>{underscored})(?![\w/-])", flag, message)
     return message
+
+
+def require_run_dir(run_dir) -> None:
+    """Raise ArtifactError for a directory that holds neither a config.json nor a model: not a
+    damaged run directory but some other folder (io.load checks everything else)."""
+    from flashsae import io
+    from flashsae.errors import ArtifactError
+
+    path = Path(run_dir)
+    if path.is_dir() and not (path / io.CONFIG_FILE).exists() and not (path / io.MODEL_FILE).exists():
+        raise ArtifactError(f"{path} is not a flashsae run directory (no {io.CONFIG_FILE}); "
+                            "flashsae train and flashsae import write one")
+
+
+def load_run(run_dir):
+    """`io.load(run_dir)`, saying so when the directory is not a run directory at all."""
+    from flashsae import io
+
+    require_run_dir(run_dir)
+    return io.load(run_dir)
 
 
 def _type_name(t) -> str:

@@ -18,13 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashsae import io
+    from flashsae.cli.common import load_run
     from flashsae.codes import decode_to_npy, open_codes
     from flashsae.errors import ConfigError
 
     if not args.out.endswith(".npy"):
         raise ConfigError(f"--out must end in .npy, got {args.out}")
-    model = io.load(args.run_dir)
+    model = load_run(args.run_dir)
     codes = open_codes(args.codes, model.d_sae)  # memory-mapped when flashsae encode wrote it
     decode_to_npy(model, codes, args.out)
     if args.json:

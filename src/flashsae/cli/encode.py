@@ -21,13 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flashsae import io
+    from flashsae.cli.common import load_run
     from flashsae.codes import encode_to_npz, open_for_model
     from flashsae.errors import ConfigError
 
     if not args.out.endswith(".npz"):
         raise ConfigError(f"--out must end in .npz, got {args.out}")
-    model = io.load(args.run_dir)
+    model = load_run(args.run_dir)
     source, row_ids = open_for_model(model, args.data, key=args.key, drop_nonfinite=args.drop_nonfinite,
                                      progress=not (args.quiet or args.json))
     codes = encode_to_npz(model, source, row_ids, args.out, progress=not (args.quiet or args.json))

@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flashsae.cli.common import require_run_dir
     from flashsae.interop import export_saelens
 
+    require_run_dir(args.run_dir)
     out = export_saelens(args.run_dir, args.out, overwrite=args.overwrite)
     if args.json:
         from flashsae.cli.common import print_json
