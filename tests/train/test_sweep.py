@@ -7,7 +7,7 @@ from matplotlib import image as mpimg
 from flashsae import ConfigError, io
 from flashsae.cli import build_parser, main
 from flashsae.cli.sweep import grid_from_args
-from flashsae.train.sweep import expand_grid, point_names, run_grid
+from flashsae.train.sweep import expand_grid, point_names, run_grid, sweep
 
 
 def test_grid_is_the_cartesian_product_of_the_axes():
@@ -16,7 +16,7 @@ def test_grid_is_the_cartesian_product_of_the_axes():
     assert grid[0] == {"rows": 1000, "architecture": "topk", "k": 4, "d_sae": 64}
     assert grid[-1] == {"rows": 1000, "architecture": "topk", "k": 8, "d_sae": 256}
     assert point_names(grid)[:2] == ["k-4_latents-64", "k-4_latents-128"]
-    assert point_names(expand_grid({"l1": [0.01, 1e-05]})) == ["l1-0.01", "l1-1e-05"]
+    assert point_names(expand_grid({"l1": [0.01, 1e-05]}, {"arch": "relu-l1"})) == ["l1-0.01", "l1-1e-05"]
 
 
 def test_cli_options_with_several_values_become_axes():
@@ -25,6 +25,36 @@ def test_cli_options_with_several_values_become_axes():
     grid = grid_from_args(args)
     assert [p["l1"] for p in grid] == [0.01, 0.1, 1.0]
     assert all(p["architecture"] == "relu-l1" and p["rows"] == 500 and p["encoder_hidden"] == [16] for p in grid)
+
+
+def test_a_grid_spans_architectures_with_different_options():
+    grid = expand_grid({"arch": ["topk", "relu-l1"], "k": [2, 4]}, {"l1": 0.3, "rows": 500})
+    assert grid == [{"rows": 500, "architecture": "topk", "k": 2}, {"rows": 500, "architecture": "topk", "k": 4},
+                    {"l1": 0.3, "rows": 500, "architecture": "relu-l1"}]  # the two relu-l1 points are one
+    assert point_names(grid) == ["arch-topk_k-2", "arch-topk_k-4", "arch-relu-l1_l1-0.3"]
+    grid = expand_grid({"arch": ["relu-l1", "batchtopk", "topk"], "l1": [0.1, 1.0], "k": [8]})
+    assert point_names(grid) == ["arch-relu-l1_l1-0.1", "arch-relu-l1_l1-1", "arch-batchtopk_k-8", "arch-topk_k-8"]
+    with pytest.raises(ConfigError, match=r"^option 'l1' applies to relu-l1, not to any architecture of the grid "
+                                          r"\(batchtopk, topk\)$"):
+        expand_grid({"arch": ["topk", "batchtopk"], "l1": [0.1, 1.0]})
+
+
+def test_cli_sweep_across_architectures(capsys):
+    args = build_parser().parse_args(["sweep", "digits", "--arch", "topk", "relu-l1", "--k", "2", "4", "--l1", "0.3",
+                                      "--out", "D"])
+    assert [p.get("k", p.get("l1")) for p in grid_from_args(args)] == [2, 4, 0.3]
+    assert main(["sweep", "digits", "--arch", "topk", "batchtopk", "--l1", "0.3", "--out", "D"]) == 2
+    assert capsys.readouterr().err == ("flashsae: error: option --l1 applies to relu-l1, not to any architecture of "
+                                       "the grid (batchtopk, topk)\n")
+
+
+def test_python_sweep_across_architectures(tmp_path):
+    result = sweep("synthetic", tmp_path / "s", grid={"arch": ["topk", "relu-l1"], "k": [2, 4], "l1": [0.3]},
+                   synthetic_rows=1000, synthetic_d=8, synthetic_atoms=16, latents=16, rows=2000, quiet=True)
+    assert [r["name"] for r in result.rows] == ["arch-topk_k-2", "arch-topk_k-4", "arch-relu-l1_l1-0.3"]
+    cfg = io.read_config(tmp_path / "s" / "arch-relu-l1_l1-0.3")
+    assert cfg["architecture"] == "relu-l1" and cfg["model"]["l1"] == 0.3
+    assert io.read_config(tmp_path / "s" / "arch-topk_k-4")["model"]["k"] == 4
 
 
 def test_a_bad_point_fails_before_anything_is_trained(tmp_path):

@@ -4,18 +4,21 @@ from __future__ import annotations
 import argparse
 
 HELP = "Train a grid of sparse autoencoders and compare their sparsity / reconstruction trade-off."
-EPILOG = """Any model, data or training option given several values is a grid axis; the grid is the
-cartesian product of the axes. Each model is a normal run directory OUT/<name>; OUT/sweep.csv has
-one row per model and OUT/tradeoff.png plots FVU against L0. The models train together on one pass
-over the data (one pass per value of a data option, --seed, --batch-size or --device); on the CPU,
-models whose steps are small enough for one thread step side by side on the cores, one thread each
-(--threads N trains each model on N threads, one model at a time). --separate trains them one
-after another. The models come out as `flashsae train` gives them (with --threads 1 for models
-stepped side by side).
+EPILOG = """Any model, data or training option given several values is a grid axis; the grid is the cartesian
+product of the axes. A model option goes only to the architectures that have it, so one grid can
+span architectures (--arch topk relu-l1 --k 4 8 --l1 0.1 trains arch-topk_k-4, arch-topk_k-8 and
+arch-relu-l1_l1-0.1). Each model is a normal run directory OUT/<name>; OUT/sweep.csv has one row
+per model and OUT/tradeoff.png plots FVU against L0. The models train together on one pass over the
+data (one pass per value of a data option, --seed, --batch-size or --device); on the CPU, models
+whose steps are small enough for one thread step side by side on the cores, one thread each
+(--threads N trains each model on N threads, one model at a time). --separate trains them one after
+another. The models come out as `flashsae train` gives them (with --threads 1 for models stepped
+side by side).
 
 examples:
   flashsae sweep digits --k 4 8 16 32 --out runs/sweep
   flashsae sweep digits --arch relu-l1 --l1 0.01 0.1 1 --out runs/l1
+  flashsae sweep digits --arch topk relu-l1 --k 4 8 --l1 0.1 --out runs/mixed
   flashsae sweep data.npy --k 8 32 --latents 1024 4096 --rows 2000000 --out runs/grid
   flashsae report runs/sweep                     # one HTML page with the table and the plot
 """

@@ -1,5 +1,9 @@
 """Grids of models: expand options with several values, train every point, tabulate and plot the trade-off.
 
+A grid may span architectures that take different options (`arch=["topk", "relu-l1"]`, `k=[4, 8]`,
+`l1=[0.1]`): each point gets only the model options its architecture has, and points that become
+the same once the others are dropped are trained once (`fit_to_architectures`).
+
 The grid and the artifacts (names, OUT/<name> run directories, sweep.csv, tradeoff.png) are kept
 apart from how the models are trained: `run_grid` hands the points to `train_each`, which trains
 them together on one data pass with `train_many` (points that read the data differently get a pass
@@ -9,6 +13,7 @@ io and viz (lazily).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import math
 import re
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flashsae import distributed, io
+from flashsae import distributed, io, models
 from flashsae.errors import ConfigError
 from flashsae.train.spec import ALIASES, RunSpec
 
@@ -39,10 +44,13 @@ def expand_grid(axes: dict[str, list], fixed: dict | None = None) -> list[dict]:
     """Cartesian product of `axes` (option -> values), each point completed with the `fixed` options.
 
     Points are ordered like nested loops with the last axis varying fastest. Option names are
-    canonical (`arch` -> `architecture`, `latents` -> `d_sae`).
+    canonical (`arch` -> `architecture`, `latents` -> `d_sae`). A model option reaches only the
+    points whose architecture has it, and points made equal by that are kept once
+    (`fit_to_architectures`).
 
     Raises:
-        ConfigError: an axis has no values, or an option is both an axis and fixed.
+        ConfigError: an axis has no values, an option is both an axis and fixed, or a model option
+            belongs to none of the grid's architectures.
     """
     axes = {ALIASES.get(k, k): list(v) for k, v in axes.items()}
     fixed = {ALIASES.get(k, k): v for k, v in (fixed or {}).items()}
@@ -51,7 +59,40 @@ def expand_grid(axes: dict[str, list], fixed: dict | None = None) -> list[dict]:
             raise ConfigError(f"grid option {key!r} has no values")
         if key in fixed:
             raise ConfigError(f"option {key!r} is given both as a grid axis and as a fixed value")
-    return [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+    return fit_to_architectures([{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())])
+
+
+def fit_to_architectures(grid: list[dict]) -> list[dict]:
+    """The points with the model options their architecture lacks dropped, when another point's
+    architecture has them; a point that lost options and equals an earlier point is left out.
+
+    Options that are no architecture's (training and data options, typos) are left for `RunSpec`
+    to check. Points that lose nothing are kept as they are.
+
+    Raises:
+        ConfigError: a model option that no architecture of the grid has.
+    """
+    per_arch = models.options()  # option -> {architecture: default}
+    archs = [point.get("architecture") or models.DEFAULT for point in grid]
+    own = {arch: {f.name for f in dataclasses.fields(models.get(arch).config_cls)} for arch in set(archs)}
+    for key in sorted({k for point in grid for k in point} & set(per_arch)):
+        if not any(key in own[arch] for arch in own):
+            appliers = sorted(per_arch[key])
+            grid_archs = sorted(own)
+            where = f"architecture {grid_archs[0]!r}" if len(grid_archs) == 1 else \
+                f"any architecture of the grid ({', '.join(grid_archs)})"
+            raise ConfigError(f"option {key!r} applies to {', '.join(appliers)}, not to {where}")
+    out: list[dict] = []
+    for point, arch in zip(grid, archs):
+        kept = {k: v for k, v in point.items() if k not in per_arch or k in own[arch]}
+        if len(kept) < len(point) and any(_same(kept, other) for other in out):
+            continue
+        out.append(kept)
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(repr(a[k]) == repr(b[k]) for k in a)
 
 
 def varied_keys(grid: list[dict]) -> list[str]:
@@ -63,10 +104,11 @@ def varied_keys(grid: list[dict]) -> list[str]:
 
 
 def point_names(grid: list[dict]) -> list[str]:
-    """Directory names for the points, from the options that vary: `k-8`, `arch-relu-l1_l1-0.1`."""
+    """Directory names for the points, from the options that vary and that each point has:
+    `k-8`, `arch-topk_k-4`, `arch-relu-l1_l1-0.1`."""
     keys = varied_keys(grid)
-    names = ["_".join(f"{SHORT_NAMES.get(k, k).replace('_', '-')}-{_fmt_value(point.get(k))}" for k in keys)
-             or "model" for point in grid]
+    names = ["_".join(f"{SHORT_NAMES.get(k, k).replace('_', '-')}-{_fmt_value(point[k])}" for k in keys
+                      if k in point) or "model" for point in grid]
     seen: dict[str, int] = {}
     for i, name in enumerate(names):  # equal names only when values format alike (1e-05 vs 1e-5)
         if names.count(name) > 1:
@@ -118,7 +160,7 @@ def run_grid(data, grid: list[dict], out, *, overwrite: bool = False, resume: bo
     Raises:
         ConfigError: `out` exists and is not empty (without overwrite), or a grid point is invalid.
     """
-    grid = [{ALIASES.get(k, k): v for k, v in point.items()} for point in grid]
+    grid = fit_to_architectures([{ALIASES.get(k, k): v for k, v in point.items()} for point in grid])
     validate_grid(grid)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -155,7 +197,9 @@ def sweep(data=None, out=None, *, grid: dict[str, list], overwrite: bool = False
     """Train a grid: `sweep("digits", "runs/sweep", grid={"k": [4, 8, 16]}, latents=256)`.
 
     Every option in `grid` takes each of its values in turn (cartesian product); `options` are
-    shared by all models. See `run_grid` for what is written.
+    shared by all models. A model option goes only to the architectures that have it:
+    `grid={"arch": ["topk", "relu-l1"], "k": [4, 8], "l1": [0.1]}` trains three models
+    (`arch-topk_k-4`, `arch-topk_k-8`, `arch-relu-l1_l1-0.1`). See `run_grid` for what is written.
     """
     if out is None:
         raise ConfigError("a sweep needs an output directory (out=...)")
