@@ -75,8 +75,9 @@ def main() -> None:
           f"batch {args.batch}; best of {args.repeats}")
     for (policy, threads), values in results.items():
         best = max(values)
-        print(f"  OMP_WAIT_POLICY={policy or '(default)':<9} threads {threads}: {best:>9,.0f} rows/s  ({best / base:.2f}x; "
-              f"runs {', '.join(f'{v:,.0f}' for v in values)})")
+        runs = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"  OMP_WAIT_POLICY={policy or '(default)':<9} threads {threads}: {best:>9,.0f} rows/s  "
+              f"({best / base:.2f}x; runs {runs})")
 
 
 if __name__ == "__main__":
