@@ -103,3 +103,82 @@ def test_decoder_and_encoder_backward_group_the_latents_once(monkeypatch):
     assert len(built) == 1
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_decoder_and_encoder_backward_group_the_auxk_latents_once_too(monkeypatch):
+    torch.manual_seed(4)
+    x = torch.randn(50, 12)
+    W_enc, b_enc, b_dec, W_dec = params = [torch.randn(64, 12, requires_grad=True), torch.randn(64, requires_grad=True),
+                                           torch.randn(12, requires_grad=True), torch.randn(64, 12, requires_grad=True)]
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    built = []
+    original = reference.LatentSegments.__init__
+    monkeypatch.setattr(reference.LatentSegments, "__init__",
+                        lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+
+    def grads(shared):
+        values, idx, aux_values, aux_idx = reference.topk_encode(x, W_enc, b_enc, 5, b_dec=b_dec, shared=shared,
+                                                                 aux_mask=dead, k_aux=6)
+        loss = (reference.sparse_decode(values, idx, W_dec, shared=shared) + b_dec - x).pow(2).sum()
+        loss = loss + (reference.sparse_decode(aux_values, aux_idx, W_dec, shared=shared) - x).pow(2).sum()
+        return torch.autograd.grad(loss, params)
+
+    built.clear()
+    alone = grads(None)
+    assert len(built) == 4  # each decoder backward and the encoder's, for the top-k and the AuxK codes
+    built.clear()
+    together = grads({})
+    assert len(built) == 2  # one sort each
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
+
+
+def test_zero_value_slots_are_never_read():
+    """Rows reached only through slots of value 0 hold NaN: reading them would poison the result."""
+    torch.manual_seed(5)
+    values = torch.rand(9, 4, dtype=torch.float64)
+    values[:, 3] = 0  # e.g. AuxK slots left without a dead latent, all on latent 7
+    values[2, 1] = 0
+    idx = torch.stack([torch.randperm(7)[:4] for _ in range(9)])
+    idx[:, 3] = 7
+    W = torch.randn(8, 5, dtype=torch.float64)
+    W[7] = float("nan")
+    W.requires_grad_()
+    v = values.clone().requires_grad_()
+    out = reference.sparse_decode(v, idx, W)
+    want = torch.zeros(9, 8, dtype=torch.float64).scatter(1, idx, values)[:, :7] @ W.detach()[:7]
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert bool(torch.isfinite(v.grad).all()) and bool((v.grad[values == 0] == 0).all())
+    assert bool((W.grad[7] == 0).all()) and bool(torch.isfinite(W.grad).all())
+
+
+def test_latent_segments_leave_zero_weight_pairs_out():
+    idx = torch.tensor([[0, 3], [3, 1], [3, 2]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 3.0]])  # latent 3: only zero-weight pairs
+    seg = reference.LatentSegments(idx, 4, w)
+    assert seg.crow.tolist() == [0, 1, 2, 3, 3]
+    dense = torch.randn(3, 2)
+    want = torch.stack([dense[0], 2 * dense[1], 3 * dense[2], torch.zeros(2)])
+    torch.testing.assert_close(seg.matmul(w, dense), want)
+    torch.testing.assert_close(seg.sum(w), torch.tensor([1.0, 2.0, 3.0, 0.0]))
+
+
+@pytest.mark.parametrize("n_candidates", [4, 60, 200])  # gathered columns, and whole rows
+def test_auxk_selection_among_candidates_matches_masked_topk(n_candidates):
+    from flashsae.kernels import auxk
+
+    torch.manual_seed(n_candidates)
+    pre = torch.randn(13, 200)
+    candidates = torch.randperm(200)[:n_candidates]
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[candidates[: max(1, n_candidates - 2)]] = True  # two candidates fired since the list was made
+    dead = auxk.DeadLatents(mask, candidates)
+    k_aux = dead.k_aux(6)
+    values, idx = auxk.select(pre.clone(), dead, k_aux, lambda s, k: s.topk(k, dim=-1, sorted=False))
+    want = pre.masked_fill(~mask, float("-inf")).topk(k_aux, dim=-1).values
+    assert torch.equal(values.sort(-1).values, want.sort(-1).values)
+    finite = torch.isfinite(values)
+    assert bool(mask[idx[finite]].all()) and torch.equal(pre.gather(1, idx)[finite], values[finite])

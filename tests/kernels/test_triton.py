@@ -4,6 +4,7 @@ Runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set below before
 imported). With TRITON_INTERPRET=0 in the environment and a GPU present, the same tests run the
 compiled kernels on CUDA tensors.
 """
+import contextlib
 import copy
 import os
 import subprocess
@@ -245,3 +246,138 @@ def test_topk_training_steps_match_reference(grouped, monkeypatch):
     assert float(tri[1].aux) > 0
     for name, p in ref[2].items():
         assert close(tri[2][name], p, rtol=1e-4), name  # after two Adam steps
+
+
+# ---- AuxK, zero-value slots, shared sorts, b_dec, device ---------------------------------------
+
+def test_topk_encode_with_few_dead_candidates_matches_reference(grouped):
+    """DeadLatents: the selection runs among the gathered candidate columns, k_aux capped at their count."""
+    torch.manual_seed(7)
+    n = 120
+    x_c, W_enc, b_enc, W_dec = leaf(29, 24), leaf(n, 24), leaf(n), torch.randn(n, 24, device=DEVICE) / 5
+    mask = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    candidates = torch.randperm(n, device=DEVICE)[:3]
+    mask[candidates] = True
+    dead = kernels.DeadLatents(mask, candidates)
+    results = {}
+    for impl in (reference, triton_ops):
+        for p in (x_c, W_enc, b_enc):
+            p.grad = None
+        loss, values, idx, aux_values, aux_idx = encode_loss(impl, x_c, W_enc, b_enc, 4, W_dec, dead, 10)
+        loss.backward()
+        results[impl] = (loss.detach(), aux_values.detach(), aux_idx, [p.grad.clone() for p in (x_c, W_enc, b_enc)])
+    ref, tri = results[reference], results[triton_ops]
+    assert tri[2].shape == (29, 3)
+    assert close(tri[0], ref[0])
+    assert torch.equal(tri[1].sort(-1).values, ref[1].sort(-1).values)
+    for got, want in zip(tri[3], ref[3]):
+        assert close(got, want)
+
+
+def test_zero_value_slots_are_never_read_by_the_kernels():
+    """Rows reached only through slots of value 0 hold NaN: a load of them would poison the result."""
+    torch.manual_seed(8)
+    values = torch.rand(21, 4, device=DEVICE)
+    values[:, 3] = 0  # AuxK slots left without a dead latent: all ties on latent 30
+    values[5, 0] = 0
+    idx = torch.stack([torch.randperm(30, device=DEVICE)[:4] for _ in range(21)])
+    idx[:, 3] = 30
+    W = torch.randn(31, 40, device=DEVICE)
+    W[30] = float("nan")
+    W.requires_grad_()
+    v = values.clone().requires_grad_()
+    out = triton_ops.sparse_decode(v, idx, W)
+    assert bool(torch.isfinite(out).all())
+    assert close(out, reference.sparse_decode(values, idx, W.detach().nan_to_num()))
+    out.backward(torch.randn_like(out))
+    assert bool(torch.isfinite(v.grad).all()) and bool((v.grad[values == 0] == 0).all())
+    assert bool(torch.isfinite(W.grad).all()) and bool((W.grad[30] == 0).all())
+    pairs, offsets = triton_ops._pairs_by_latent(idx, values, 31)
+    assert int(offsets[31] - offsets[30]) == 0 and int(offsets[-1]) == int((values != 0).sum())
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def model_step_grads(model, x, dead):
+    for p in model.parameters():
+        p.grad = None
+    out = model(x, aux_mask=dead)
+    ((out.x_hat - x).pow(2).sum() + (out.aux + x).pow(2).sum()).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_one_sort_per_code_set_and_b_dec_from_one_product(monkeypatch):
+    """The encoder's backward reuses the decoders' latent sorts, and needs no gather-sum for b_dec."""
+    torch.manual_seed(9)
+    model = models.build("topk", d_in=24, d_sae=96, k=3, k_aux=5).to(DEVICE)
+    x = torch.randn(17, 24, device=DEVICE)
+    dead = torch.zeros(96, dtype=torch.bool, device=DEVICE)
+    dead[::4] = True
+    monkeypatch.setenv("FLASHSAE_KERNELS", "reference")
+    want = model_step_grads(model, x, dead)
+    monkeypatch.setenv("FLASHSAE_KERNELS", "triton")
+    sorts = count_calls(monkeypatch, triton_ops, "_pairs_by_latent")
+    gathers = count_calls(monkeypatch, triton_ops, "_gather_sum")
+    got = model_step_grads(model, x, dead)
+    assert len(sorts) == 2  # the top-k codes and the AuxK codes, each sorted once
+    assert len(gathers) == 2  # the two decoder forwards; no (batch, d_in) input gradient for b_dec
+    for name, g in want.items():
+        assert close(got[name], g, rtol=1e-4), name
+
+
+def test_kernels_launch_under_their_tensors_device(monkeypatch):
+    """Every launch happens inside the device context of the tensors (torch.cuda.device off the CPU)."""
+    depth, seen, launches = [0], [], []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            depth[0] += 1
+            seen.append(self.device)
+
+        def __exit__(self, *exc):
+            depth[0] -= 1
+
+    monkeypatch.setattr(triton_ops, "_launch_device", lambda t: Recorder(t.device))
+
+    class Launcher:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.name, depth[0]))
+            return self.kernel[grid]
+
+    for name in ("_gather_sum_kernel", "_gather_dot_kernel", "_segment_sum_kernel", "_group_max_kernel"):
+        monkeypatch.setattr(triton_ops, name, Launcher(name, getattr(triton_ops, name)))
+    monkeypatch.setattr(triton_ops, "MIN_GROUPED_LATENTS", 0)
+    monkeypatch.setattr(triton_ops, "GROUP", 8)
+    x_c, W_enc, b_enc, W_dec = leaf(9, 16), leaf(160, 16), leaf(160), leaf(160, 16)
+    values, idx, _, _ = triton_ops.topk_encode(x_c, W_enc, b_enc, 2)
+    triton_ops.sparse_decode(values, idx, W_dec).sum().backward()
+    assert {name for name, _ in launches} == {"_gather_sum_kernel", "_gather_dot_kernel", "_segment_sum_kernel",
+                                              "_group_max_kernel"}
+    assert all(d > 0 for _, d in launches), launches
+    assert set(seen) == {x_c.device}
+
+
+def test_launch_device_is_the_tensors_cuda_device(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+
+    class FakeCuda:
+        device = torch.device("cuda", 1)
+
+    with triton_ops._launch_device(FakeCuda()):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with triton_ops._launch_device(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]  # nothing to enter for a CPU tensor

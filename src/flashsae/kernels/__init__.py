@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 from flashsae.kernels import reference, selection
+from flashsae.kernels.auxk import DeadLatents
+
+__all__ = ["DeadLatents", "describe", "sparse_decode", "topk_encode"]
 
 
 def describe(device: torch.device | str) -> dict[str, str | None]:
@@ -45,15 +48,14 @@ def describe(device: torch.device | str) -> dict[str, str | None]:
     return described
 
 
-def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
+def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | DeadLatents | None = None,
                 k_aux: int = 0, b_dec: Tensor | None = None, shared: dict | None = None, impl: str | None = None):
     """Top-k ReLU encoder with a sparse backward; see `reference.topk_encode`."""
     impl = impl or selection.impl(W_enc.device)
     if impl == "triton":
         from flashsae.kernels import triton_ops
-        if b_dec is not None:
-            x_c = x_c - b_dec
-        return triton_ops.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux)
+        return triton_ops.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux, b_dec=b_dec,
+                                      shared=shared)
     return reference.topk_encode(x_c, W_enc, b_enc, k, aux_mask=aux_mask, k_aux=k_aux, b_dec=b_dec, shared=shared)
 
 
@@ -63,5 +65,5 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dic
     impl = impl or selection.impl(W_dec.device)
     if impl == "triton":
         from flashsae.kernels import triton_ops
-        return triton_ops.sparse_decode(values, indices, W_dec)
+        return triton_ops.sparse_decode(values, indices, W_dec, shared=shared)
     return reference.sparse_decode(values, indices, W_dec, shared=shared)

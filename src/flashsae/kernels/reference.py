@@ -2,9 +2,12 @@
 
 Only the encoder product is dense. The decoder is a gather-sum of k rows per input and the
 weight gradients touch only the selected latents (Gao et al., 2024; OpenAI sparse_autoencoder).
-The weight gradients are segment sums over (row, slot) pairs sorted by latent, computed as one
-CSR-by-dense product (MKL on the CPU): 8x faster than `index_add_` and the dense product here
-(measured at d=256, 4096 latents, k=16, 4096 rows: 14 ms against 110 ms and 320 ms on one core).
+The weight gradients are segment sums over (row, slot) pairs sorted by latent, computed as a
+gather-sum with the latents' segments as bags (`embedding_bag`). A CSR-by-dense product (MKL) was
+8x faster than `index_add_` and the dense product here (d=256, 4096 latents, k=16, 4096 rows: 14 ms
+against 110 ms and 320 ms on one core); the bags are 1.5-2x faster again. Slots whose code value is
+0 are skipped by every function here (see `sparse_decode`): on the CPU they are dropped before any
+row is read, which makes the data-dependent sizes this path may have and a GPU path must not.
 On the CPU the top-k selection is the compiled `cpu_topk` kernel when it builds (torch.topk otherwise,
 or with FLASHSAE_KERNELS=reference).
 """
@@ -17,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashsae.kernels import cpu_topk
+from flashsae.kernels import auxk, cpu_topk
+from flashsae.kernels.auxk import DeadLatents
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -25,58 +29,98 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 
 class LatentSegments:
-    """The (row, slot) pairs of an index matrix grouped by latent: a CSR matrix (d_sae, rows)."""
+    """The (row, slot) pairs of an index matrix grouped by latent: latent j owns the pairs
+    order[crow[j]:crow[j + 1]] (flat ids t * k + i, stable, hence deterministic).
 
-    def __init__(self, indices: Tensor, d_sae: int):
+    With `weights`, pairs of zero weight (ReLU-clipped codes, AuxK slots left without a dead latent)
+    sort after every latent, so no segment holds them and the weight gradients never touch them.
+    """
+
+    def __init__(self, indices: Tensor, d_sae: int, weights: Tensor | None = None):
         flat = indices.reshape(-1)
         # int32 keys: PyTorch's parallel stable sort of int64 keys ran 100x slower here on 2 threads
-        self.order = torch.argsort(flat.to(torch.int32), stable=True)
+        keys = flat.to(torch.int32, copy=True)
+        if weights is not None:
+            keys.masked_fill_(weights.reshape(-1) == 0, d_sae)
+        self.order = torch.argsort(keys, stable=True)
         self.crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=flat.device)
-        torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=self.crow[1:])
+        torch.cumsum(torch.bincount(keys, minlength=d_sae + 1)[:d_sae], 0, out=self.crow[1:])
         self.rows = torch.div(self.order, indices.shape[1], rounding_mode="floor")
-        self.shape = (d_sae, indices.shape[0])
 
     def matmul(self, weights: Tensor, dense: Tensor) -> Tensor:
-        """out[j] = sum over pairs (t, i) with indices[t, i] == j of weights[t, i] * dense[t]."""
+        """out[j] = sum over the pairs (t, i) of latent j of weights[t, i] * dense[t]: (d_sae, dense columns).
+
+        A gather-sum of dense's rows with the segments as bags (embedding_bag): 1.5-2.2x faster than
+        MKL's CSR-by-dense product on one thread at 4096 rows, d=256, 4096 latents, k=16 to 128
+        (`python -m bench.micro_cpu`), and the pairs past the last segment are never read.
+        """
         acc = _acc_dtype(dense)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            G = torch.sparse_csr_tensor(self.crow, self.rows, weights.reshape(-1)[self.order].to(acc),
-                                        size=self.shape, check_invariants=False)
-        return G @ dense.to(acc)
+        w = weights.reshape(-1).index_select(0, self.order).to(acc)
+        return F.embedding_bag(self.rows, dense.to(acc), self.crow, per_sample_weights=w, mode="sum",
+                               include_last_offset=True)
 
     def sum(self, weights: Tensor) -> Tensor:
         """out[j] = sum of weights over the pairs of latent j."""
-        w = weights.reshape(-1)[self.order].double()  # prefix sums in fp64: differences stay exact enough
+        # prefix sums in fp64: differences stay exact enough
+        w = weights.reshape(-1).index_select(0, self.order).double()
         csum = torch.zeros(w.numel() + 1, dtype=w.dtype, device=w.device)
         torch.cumsum(w, 0, out=csum[1:])
         return (csum[self.crow[1:]] - csum[self.crow[:-1]]).to(_acc_dtype(weights))
 
 
-def _shared_segments(shared: dict | None, indices: Tensor) -> LatentSegments | None:
-    """The decoder backward's grouping of `indices` by latent, when it was made for this very tensor."""
-    entry = shared.pop("segments", None) if shared is not None else None
-    if entry is not None and entry[0] == indices.data_ptr() and entry[1] == tuple(indices.shape):
-        return entry[2]
-    return None
+def _share_segments(shared: dict | None, indices: Tensor, values: Tensor, seg: LatentSegments) -> None:
+    if shared is not None:
+        shared.setdefault("segments", {})[(indices.data_ptr(), values.data_ptr(), tuple(indices.shape))] = seg
 
 
-def _gather_dot(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
-    """out[t, i] = <g[t], W[indices[t, i]]>, as a sampled dense product (SDDMM) at the code pattern.
+def _shared_segments(shared: dict | None, indices: Tensor, values: Tensor) -> LatentSegments | None:
+    """The decoder backward's grouping of these very codes by latent, when it made one."""
+    if shared is None:
+        return None
+    return shared.get("segments", {}).pop((indices.data_ptr(), values.data_ptr(), tuple(indices.shape)), None)
+
+
+def _kept(kept: Tensor) -> tuple[Tensor, Tensor]:
+    """(flat positions of the True entries of a (rows, k) mask, row-major; (rows + 1,) start of each
+    row's among them). A data-dependent size: off the CPU this would read the count back (a host sync),
+    and the reference is the CPU's path."""
+    offsets = torch.zeros(kept.shape[0] + 1, dtype=torch.int64, device=kept.device)
+    torch.cumsum(kept.sum(1), 0, out=offsets[1:])
+    return kept.reshape(-1).nonzero().squeeze(1), offsets  # one nonzero, then 1-D index_select: 5x boolean indexing
+
+
+def _gather_sum(weights: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """out[t] = sum_i weights[t, i] * W[indices[t, i]] (batch, d) in fp32 or wider; the slots of zero
+    weight are dropped first (their rows are never read)."""
+    acc = _acc_dtype(weights)
+    pos, offsets = _kept(weights != 0)
+    return F.embedding_bag(indices.reshape(-1).index_select(0, pos), W.to(acc), offsets,
+                           per_sample_weights=weights.reshape(-1).index_select(0, pos).to(acc), mode="sum",
+                           include_last_offset=True)
+
+
+def _gather_dot(indices: Tensor, g: Tensor, W: Tensor, values: Tensor) -> Tensor:
+    """out[t, i] = <g[t], W[indices[t, i]]>, as a sampled dense product (SDDMM) at the code pattern;
+    0 where values[t, i] == 0 (skipped: codes are ReLU outputs, whose gradient is zero there).
 
     Indices must be distinct within a row (true of top-k codes). 20x faster on the CPU than
     gathering the (batch, k, d_in) rows (measured: 9.7 ms against 198 ms at 4096 x 16 x 256).
     """
     acc = _acc_dtype(g)
     n_rows, k = indices.shape
-    cols, order = indices.sort(dim=1)
-    crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
+    n_latents = W.shape[0]
+    kept = values != 0
+    # The skipped slots sort to the end of their row and drop out of the sampled pattern.
+    cols, order = indices.masked_fill(~kept, n_latents).sort(dim=1)
+    pos, offsets = _kept(cols < n_latents)
+    kept_cols = cols.reshape(-1).index_select(0, pos)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(n_rows * k, dtype=acc, device=g.device),
-                                          size=(n_rows, W.shape[0]), check_invariants=False)
+        zeros = torch.zeros(kept_cols.shape[0], dtype=acc, device=g.device)
+        pattern = torch.sparse_csr_tensor(offsets, kept_cols, zeros, size=(n_rows, n_latents), check_invariants=False)
         dots = torch.sparse.sampled_addmm(pattern, g.to(acc), W.to(acc).t(), beta=0.0).values()
-    return torch.empty((n_rows, k), dtype=acc, device=g.device).scatter_(1, order, dots.view(n_rows, k))
+    by_row = torch.zeros(n_rows * k, dtype=acc, device=g.device).index_copy_(0, pos, dots).view(n_rows, k)
+    return torch.empty_like(by_row).scatter_(1, order, by_row)
 
 
 _BLOCK_BYTES = 64 << 20
@@ -120,7 +164,7 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k, aux_mask, k_aux, shared):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k, dead, k_aux, shared):
         x_c = x - b_dec if b_dec is not None else x
         ctx.shared = shared
         # The bias rides in the product as an extra input column of ones: addmm would first copy the
@@ -130,11 +174,11 @@ class _TopKEncode(torch.autograd.Function):
         x1 = torch.cat([x_c.to(dtype), ones], dim=1)
         W1 = torch.cat([W_enc.to(dtype), b_enc.to(dtype).unsqueeze(1)], dim=1)
         n_rows, d_sae = x_c.shape[0], W_enc.shape[0]
-        aux = aux_mask is not None and k_aux > 0
+        k_aux = dead.k_aux(k_aux) if dead is not None else 0
         top = torch.empty((n_rows, k), dtype=dtype, device=x_c.device)
         idx = torch.empty((n_rows, k), dtype=torch.int64, device=x_c.device)
-        atop = torch.empty((n_rows, k_aux if aux else 0), dtype=dtype, device=x_c.device)
-        aidx = torch.empty((n_rows, k_aux if aux else 0), dtype=torch.int64, device=x_c.device)
+        atop = torch.empty((n_rows, k_aux), dtype=dtype, device=x_c.device)
+        aidx = torch.empty((n_rows, k_aux), dtype=torch.int64, device=x_c.device)
         # On the CPU the pre-activations go to a buffer reused from step to step (a fresh (batch,
         # d_sae) result costs page faults every time: 29 ms against 21 ms for a 4096 x 4096 bf16
         # product, `python -m bench.micro_cpu`), made in blocks of rows that bound the buffer to
@@ -145,9 +189,8 @@ class _TopKEncode(torch.autograd.Function):
             pre = _workspace(stop - start, d_sae, dtype, x_c.device)
             torch.mm(x1[start:stop], W1.t(), out=pre)  # (rows, d_sae)
             cpu_topk.topk(pre, k, out=(top[start:stop], idx[start:stop]))  # torch.topk off the CPU
-            if aux:
-                cpu_topk.topk(pre.masked_fill_(~aux_mask, float("-inf")), k_aux,
-                              out=(atop[start:stop], aidx[start:stop]))
+            if k_aux:  # after the top-k: pre is free to overwrite
+                atop[start:stop], aidx[start:stop] = auxk.select(pre, dead, k_aux, cpu_topk.topk, in_place=True)
         values = top.clamp_min(0)
         aux_values = atop.clamp_min(0)
         ctx.save_for_backward(x_c, W_enc, idx, values, aidx, aux_values)
@@ -157,28 +200,38 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_values, _g_idx, g_aux, _g_aidx):
         x_c, W_enc, idx, values, aidx, aux_values = ctx.saved_tensors
-        g = torch.where(values > 0, g_values, 0)
+        codes = [(idx, values, torch.where(values > 0, g_values, 0))]
         if aidx.shape[1] > 0 and g_aux is not None:
-            g = torch.cat([g, torch.where(aux_values > 0, g_aux, 0)], dim=1)
-            idx = torch.cat([idx, aidx], dim=1)
+            codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
         grad_x = grad_b_dec = grad_W = grad_b = None
-        acc = _acc_dtype(g)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc.to(acc), per_sample_weights=g.to(acc), mode="sum").to(x_c.dtype)
+            grad_x = sum(_gather_sum(g, i, W_enc) for i, _, g in codes).to(x_c.dtype)
         if any(ctx.needs_input_grad[1:4]):
-            seg = _shared_segments(ctx.shared, idx) or LatentSegments(idx, W_enc.shape[0])
-            if ctx.needs_input_grad[2]:
-                grad_W = seg.matmul(g, x_c).to(W_enc.dtype)
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-                g_sum = seg.sum(g)  # (d_sae,): the b_enc gradient
+            W_parts, sum_parts = [], []
+            for i, v, g in codes:  # the top-k pairs, then the AuxK pairs, each grouped once for the whole step
+                seg = _shared_segments(ctx.shared, i, v) or LatentSegments(i, W_enc.shape[0], v)
+                if ctx.needs_input_grad[2]:
+                    W_parts.append(seg.matmul(g, x_c))
+                if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+                    sum_parts.append(seg.sum(g))
+            if W_parts:
+                grad_W = W_parts[0]
+                for part in W_parts[1:]:
+                    grad_W += part
+                grad_W = grad_W.to(W_enc.dtype)
+            if sum_parts:
+                g_sum = sum(sum_parts)  # (d_sae,): the b_enc gradient
                 grad_b = g_sum.to(W_enc.dtype) if ctx.needs_input_grad[3] else None
                 if ctx.needs_input_grad[1]:  # sum over rows of -dx_c: one product, no (batch, d_in) gradient
+                    acc = _acc_dtype(g_sum)
                     grad_b_dec = -(g_sum.to(acc) @ W_enc.to(acc)).to(x_c.dtype)
         return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """x_hat[t] = sum_i values[t, i] * W_dec[indices[t, i]]; gather-dot and segment-sum backward."""
+    """x_hat[t] = sum_i values[t, i] * W_dec[indices[t, i]]; gather-dot and segment-sum backward.
+
+    Slots whose value is 0 are skipped everywhere (not read forward, zero gradient back)."""
 
     @staticmethod
     def forward(ctx, values, indices, W_dec, shared):
@@ -186,24 +239,22 @@ class _SparseDecode(torch.autograd.Function):
         ctx.shared = shared
         # In fp32 even under bf16 autocast: k rows per input are cheap to add exactly, and no bf16
         # copy of W_dec (or fp32 copy of the result for the loss) is needed.
-        acc = _acc_dtype(values)
-        return F.embedding_bag(indices, W_dec.to(acc), per_sample_weights=values.to(acc), mode="sum")
+        return _gather_sum(values, indices, W_dec)
 
     @staticmethod
     def backward(ctx, g):
         values, indices, W_dec = ctx.saved_tensors
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = _gather_dot(indices, g, W_dec).to(values.dtype)
+            grad_values = _gather_dot(indices, g, W_dec, values).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            seg = LatentSegments(indices, W_dec.shape[0])
-            if ctx.shared is not None:  # the encoder's backward, next, selected the same latents
-                ctx.shared["segments"] = (indices.data_ptr(), tuple(indices.shape), seg)
+            seg = LatentSegments(indices, W_dec.shape[0], values)
+            _share_segments(ctx.shared, indices, values, seg)  # the encoder's backward, next, selected the same latents
             grad_W = seg.matmul(values, g).to(W_dec.dtype)
         return grad_values, None, grad_W, None
 
 
-def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
+def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | DeadLatents | None = None,
                 k_aux: int = 0, b_dec: Tensor | None = None,
                 shared: dict | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sparse top-k ReLU encoder.
@@ -212,25 +263,29 @@ def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: 
         x_c: (batch, d_in) centred input (x - b_dec), or the input x itself when `b_dec` is given.
         W_enc: (d_sae, d_in); b_enc: (d_sae,).
         k: latents kept per row.
-        aux_mask: optional (d_sae,) bool, latents eligible for the AuxK selection (the dead ones).
-        k_aux: AuxK latents per row (0 disables it).
+        aux_mask: the latents eligible for the AuxK selection (the dead ones): a (d_sae,) bool mask,
+            or `DeadLatents` with a short list of candidates that holds all of them (selection among
+            those columns only, and at most one slot per candidate).
+        k_aux: AuxK latents per row (0 disables it); capped at the number of candidates.
         b_dec: optional (d_in,) pre-encoder bias subtracted here. Its gradient is then one product,
             -(db_enc @ W_enc), instead of a (batch, d_in) input gradient summed over the batch.
-        shared: a fresh dict also given to `sparse_decode` of these codes: the backward then groups
-            the selected (row, slot) pairs by latent once for both weight gradients.
+        shared: a fresh dict also given to `sparse_decode` of these codes (and of the AuxK codes): the
+            backward then groups the selected (row, slot) pairs by latent once for both weight gradients.
 
     Returns:
-        values (batch, k) >= 0, indices (batch, k) int64, aux_values (batch, k_aux), aux_indices.
+        values (batch, k) >= 0, indices (batch, k) int64, aux_values (batch, k_aux'), aux_indices, with
+        k_aux' = min(k_aux, candidates). AuxK slots of value 0 (no dead latent left for them, or a
+        negative pre-activation) are skipped by `sparse_decode` and by the backward.
     """
-    if aux_mask is None:
-        k_aux = 0
-    return _TopKEncode.apply(x_c, b_dec, W_enc, b_enc, k, aux_mask, k_aux, shared)
+    dead = DeadLatents.of(aux_mask) if aux_mask is not None and k_aux > 0 else None
+    return _TopKEncode.apply(x_c, b_dec, W_enc, b_enc, k, dead, k_aux, shared)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dict | None = None) -> Tensor:
     """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec.
 
-    `shared`: the dict given to `topk_encode` for these codes (see there)."""
+    Slots whose value is 0 are skipped: not read, and their value's gradient is 0 (codes are ReLU
+    outputs, whose gradient is zero there). `shared`: the dict given to `topk_encode` for these codes."""
     if values.shape[1] == 0:
         return values.new_zeros((values.shape[0], W_dec.shape[1]))
     return _SparseDecode.apply(values, indices, W_dec, shared)

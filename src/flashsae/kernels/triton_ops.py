@@ -15,16 +15,27 @@ Four kernels, each accumulating in fp32 and storing in the output's dtype (fp32 
                deterministic, fp32 accumulation.
 - group max    per-row maxima of groups of `GROUP` latents, first stage of the exact top-k.
 
-Indices must lie in [0, d_sae) (not checked: checking costs a host sync). Block sizes are fixed
-heuristics that have not been tuned on a GPU yet; `python -m bench.kernels` measures them.
+Slots whose code value is 0 (ReLU-clipped, or AuxK slots left without a dead latent) are skipped by
+all three sparse kernels: their rows are not loaded, and the pair sort puts them after every latent,
+so no segment walks them (ties among such slots once sent thousands of pairs to one latent).
+
+Kernels launch under the device of their tensors (`torch.cuda.device`), so a model on cuda:1 works
+whatever the current device. Indices must lie in [0, d_sae) (not checked: checking costs a host
+sync). Block sizes are fixed heuristics that have not been tuned on a GPU yet; `python -m
+bench.kernels` measures them.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from flashsae.kernels import auxk
+from flashsae.kernels.auxk import DeadLatents
 
 GROUP = 64
 """Latents per group of the group-max prefilter (a power of two)."""
@@ -48,21 +59,22 @@ def _gather_sum_kernel(w_ptr, idx_ptr, rows_ptr, out_ptr, n_tok, k, d,
     for i in range(0, k):
         j = tl.load(idx_ptr + t * stride_idx + i, mask=t_ok, other=0).to(tl.int64)
         a = tl.load(w_ptr + t * stride_w + i, mask=t_ok, other=0.0).to(tl.float32)
-        r = tl.load(rows_ptr + j[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0)
+        r = tl.load(rows_ptr + j[:, None] * stride_rows + cols[None, :], mask=mask & (a != 0)[:, None], other=0.0)
         acc += a[:, None] * r.to(tl.float32)
     tl.store(out_ptr + t[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gather_dot_kernel(g_ptr, idx_ptr, rows_ptr, out_ptr, n_tok, d,
-                       stride_g, stride_idx, stride_rows, stride_out,
+def _gather_dot_kernel(g_ptr, idx_ptr, v_ptr, rows_ptr, out_ptr, n_tok, d,
+                       stride_g, stride_idx, stride_v, stride_rows, stride_out,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per (block of BLOCK_T tokens, slot i); loops over d.
+    # One program per (block of BLOCK_T tokens, slot i); loops over d. Slots of code value 0 give 0.
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.program_id(1)
     t_ok = t < n_tok
     t = t.to(tl.int64)
     j = tl.load(idx_ptr + t * stride_idx + i, mask=t_ok, other=0).to(tl.int64)
+    t_ok = t_ok & (tl.load(v_ptr + t * stride_v + i, mask=t_ok, other=0.0) != 0)
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -70,15 +82,16 @@ def _gather_dot_kernel(g_ptr, idx_ptr, rows_ptr, out_ptr, n_tok, d,
         g = tl.load(g_ptr + t[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r = tl.load(rows_ptr + j[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(g * r, axis=1)
-    tl.store(out_ptr + t * stride_out + i, acc.to(out_ptr.dtype.element_ty), mask=t_ok)
+    tl.store(out_ptr + t * stride_out + i, acc.to(out_ptr.dtype.element_ty), mask=t < n_tok)
 
 
 @triton.jit
 def _segment_sum_kernel(pairs_ptr, offsets_ptr, w_ptr, src_ptr, out_ptr, sum_ptr, k, d,
                         stride_src, stride_out,
-                        HAS_ROWS: tl.constexpr, HAS_SUM: tl.constexpr,
+                        HAS_ROWS: tl.constexpr, HAS_SUM: tl.constexpr, ACCUMULATE: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per (latent j, block of BLOCK_D columns) walks the pairs of latent j in order.
+    # One program per (latent j, block of BLOCK_D columns) walks the pairs of latent j in order;
+    # ACCUMULATE adds to what the outputs hold (a second set of pairs, e.g. the AuxK ones).
     j = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = cols < d
@@ -99,10 +112,16 @@ def _segment_sum_kernel(pairs_ptr, offsets_ptr, w_ptr, src_ptr, out_ptr, sum_ptr
         if HAS_SUM:
             total += a
     if HAS_ROWS:
-        tl.store(out_ptr + j.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+        out = out_ptr + j.to(tl.int64) * stride_out + cols
+        if ACCUMULATE:
+            acc += tl.load(out, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
     if HAS_SUM:
         if tl.program_id(1) == 0:
-            tl.store(sum_ptr + j, tl.sum(total, axis=0).to(sum_ptr.dtype.element_ty))
+            s = tl.sum(total, axis=0)
+            if ACCUMULATE:
+                s += tl.load(sum_ptr + j).to(tl.float32)
+            tl.store(sum_ptr + j, s.to(sum_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -120,8 +139,13 @@ def _block_d(d: int) -> int:
     return min(triton.next_power_of_2(max(d, 1)), 128)
 
 
+def _launch_device(t: Tensor):
+    """Context that makes t's GPU current: Triton launches on the current device, not the tensor's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _gather_sum(weights: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """out[t] = sum_i weights[t, i] * rows[idx[t, i]]: (n_tok, d) in out_dtype."""
+    """out[t] = sum_i weights[t, i] * rows[idx[t, i]]: (n_tok, d) in out_dtype; zero weights skipped."""
     n_tok, k = idx.shape
     d = rows.shape[1]
     out = torch.empty((n_tok, d), dtype=out_dtype, device=rows.device)
@@ -131,14 +155,15 @@ def _gather_sum(weights: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dty
         return out
     block_t, block_d = 16, _block_d(d)
     grid = (triton.cdiv(n_tok, block_t), triton.cdiv(d, block_d))
-    _gather_sum_kernel[grid](weights, idx, rows, out, n_tok, k, d,
-                             weights.stride(0), idx.stride(0), rows.stride(0), out.stride(0),
-                             BLOCK_T=block_t, BLOCK_D=block_d)
+    with _launch_device(rows):
+        _gather_sum_kernel[grid](weights, idx, rows, out, n_tok, k, d,
+                                 weights.stride(0), idx.stride(0), rows.stride(0), out.stride(0),
+                                 BLOCK_T=block_t, BLOCK_D=block_d)
     return out
 
 
-def _gather_dot(g: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """out[t, i] = <g[t], rows[idx[t, i]]>: (n_tok, k) in out_dtype."""
+def _gather_dot(g: Tensor, idx: Tensor, values: Tensor, rows: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """out[t, i] = <g[t], rows[idx[t, i]]>, 0 where values[t, i] == 0: (n_tok, k) in out_dtype."""
     n_tok, k = idx.shape
     d = rows.shape[1]
     out = torch.empty((n_tok, k), dtype=out_dtype, device=rows.device)
@@ -147,48 +172,57 @@ def _gather_dot(g: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype) ->
     if n_tok == 0 or k == 0:
         return out
     block_t, block_d = 16, _block_d(d)
-    _gather_dot_kernel[(triton.cdiv(n_tok, block_t), k)](g, idx, rows, out, n_tok, d,
-                                                         g.stride(0), idx.stride(0), rows.stride(0), out.stride(0),
-                                                         BLOCK_T=block_t, BLOCK_D=block_d)
+    with _launch_device(rows):
+        _gather_dot_kernel[(triton.cdiv(n_tok, block_t), k)](
+            g, idx, values, rows, out, n_tok, d, g.stride(0), idx.stride(0), values.stride(0), rows.stride(0),
+            out.stride(0), BLOCK_T=block_t, BLOCK_D=block_d)
     return out
 
 
-def _pairs_by_latent(idx: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
-    """Sort the (token, slot) pairs of idx (n_tok, k) by latent.
+def _pairs_by_latent(idx: Tensor, weights: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """Sort the (token, slot) pairs of idx (n_tok, k) by latent, those of zero weight last.
 
     Returns (pairs, offsets): flat pair ids t * k + i in latent order (stable, hence deterministic)
-    and (n_latents + 1,) offsets, latent j owning pairs[offsets[j]:offsets[j + 1]].
+    and (n_latents + 1,) offsets, latent j owning pairs[offsets[j]:offsets[j + 1]]. Zero-weight pairs
+    sit past offsets[n_latents], where no segment reaches.
     """
     flat = idx.reshape(-1)
-    if n_latents < 2**31:
+    if n_latents < 2**31 - 1:
         flat = flat.to(torch.int32)  # int32 sort keys: half the bytes of int64
-    latents, pairs = torch.sort(flat, stable=True)
+    keys = torch.where(weights.reshape(-1) != 0, flat, n_latents)
+    latents, pairs = torch.sort(keys, stable=True)
     bounds = torch.arange(n_latents + 1, dtype=latents.dtype, device=idx.device)
     return pairs, torch.searchsorted(latents, bounds)
 
 
 def _segment_sum(pairs: Tensor, offsets: Tensor, weights: Tensor, src: Tensor, n_latents: int, *,
-                 rows_dtype: torch.dtype | None, sum_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
-    """Per latent j: sum of weights[t, i] * src[t] (n_latents, d) and of weights[t, i] (n_latents,).
+                 rows_out: Tensor | None, sums_out: Tensor | None, accumulate: bool = False) -> None:
+    """Per latent j, into rows_out (n_latents, d): sum of weights[t, i] * src[t]; into sums_out
+    (n_latents,): sum of weights[t, i]. None skips that output; `accumulate` adds to what they hold.
 
-    `pairs`, `offsets` come from `_pairs_by_latent`; a None dtype skips that output.
+    `pairs`, `offsets` come from `_pairs_by_latent` of the same (n_tok, k) codes as `weights`.
     """
     k = weights.shape[1]
     d = src.shape[1]
-    device = src.device
-    rows = torch.empty((n_latents, d), dtype=rows_dtype, device=device) if rows_dtype is not None else None
-    sums = torch.empty(n_latents, dtype=sum_dtype, device=device) if sum_dtype is not None else None
-    has_rows = rows is not None and d > 0
-    if n_latents == 0 or not (has_rows or sums is not None):
-        return rows, sums
+    has_rows = rows_out is not None and d > 0
+    if n_latents == 0 or not (has_rows or sums_out is not None):
+        return
     block_d = _block_d(d)
     grid = (n_latents, triton.cdiv(d, block_d) if has_rows else 1)
     dummy = offsets  # never touched when its flag is off
-    _segment_sum_kernel[grid](pairs, offsets, weights, src, rows if has_rows else dummy,
-                              sums if sums is not None else dummy, max(k, 1), d,
-                              src.stride(0), rows.stride(0) if has_rows else 0,
-                              HAS_ROWS=has_rows, HAS_SUM=sums is not None, BLOCK_E=16, BLOCK_D=block_d)
-    return rows, sums
+    with _launch_device(src):
+        _segment_sum_kernel[grid](pairs, offsets, weights, src, rows_out if has_rows else dummy,
+                                  sums_out if sums_out is not None else dummy, max(k, 1), d,
+                                  src.stride(0), rows_out.stride(0) if has_rows else 0,
+                                  HAS_ROWS=has_rows, HAS_SUM=sums_out is not None, ACCUMULATE=accumulate,
+                                  BLOCK_E=16, BLOCK_D=block_d)
+
+
+def _shared_pairs(shared: dict | None, indices: Tensor, values: Tensor):
+    """The decoder backward's (pairs, offsets) of these very codes, when it made them."""
+    if shared is None:
+        return None
+    return shared.get("pairs", {}).pop((indices.data_ptr(), values.data_ptr(), tuple(indices.shape)), None)
 
 
 def group_maxima(scores: Tensor, group: int) -> Tensor:
@@ -201,8 +235,9 @@ def group_maxima(scores: Tensor, group: int) -> Tensor:
         return out
     block_groups = min(triton.next_power_of_2(n_groups), max(1, 2048 // group))
     grid = (n_rows, triton.cdiv(n_groups, block_groups))
-    _group_max_kernel[grid](scores, out, n, n_groups, scores.stride(0), out.stride(0),
-                            G=group, BLOCK_GROUPS=block_groups)
+    with _launch_device(scores):
+        _group_max_kernel[grid](scores, out, n, n_groups, scores.stride(0), out.stride(0),
+                                G=group, BLOCK_GROUPS=block_groups)
     return out
 
 
@@ -236,12 +271,13 @@ def select_topk(scores: Tensor, k: int, *, group: int | None = None,
 
 
 class _SparseDecode(torch.autograd.Function):
-    """Gather-sum forward; backward: gather-dot to the values, segment-sum to W_dec."""
+    """Gather-sum forward; backward: gather-dot to the values, segment-sum to W_dec. Zero values skipped."""
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec):
+    def forward(ctx, values, indices, W_dec, shared):
         values, indices, W_dec = values.contiguous(), indices.contiguous(), W_dec.contiguous()
         ctx.save_for_backward(values, indices, W_dec)
+        ctx.shared = shared
         return _gather_sum(values, indices, W_dec, values.dtype)
 
     @staticmethod
@@ -250,65 +286,79 @@ class _SparseDecode(torch.autograd.Function):
         g = g.contiguous()
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = _gather_dot(g, indices, W_dec, values.dtype)
+            grad_values = _gather_dot(g, indices, values, W_dec, values.dtype)
         if ctx.needs_input_grad[2]:
-            pairs, offsets = _pairs_by_latent(indices, W_dec.shape[0])
-            grad_W, _ = _segment_sum(pairs, offsets, values, g, W_dec.shape[0], rows_dtype=W_dec.dtype, sum_dtype=None)
-        return grad_values, None, grad_W
+            pairs, offsets = _pairs_by_latent(indices, values, W_dec.shape[0])
+            if ctx.shared is not None:  # the encoder's backward, next, selected the same latents: sort once
+                ctx.shared.setdefault("pairs", {})[(indices.data_ptr(), values.data_ptr(), tuple(indices.shape))] = \
+                    (pairs, offsets)
+            grad_W = torch.empty_like(W_dec)
+            _segment_sum(pairs, offsets, values, g, W_dec.shape[0], rows_out=grad_W, sums_out=None)
+        return grad_values, None, grad_W, None
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec."""
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dict | None = None) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec;
+    zero values skipped (see `reference.sparse_decode`)."""
     if values.shape[1] == 0:
         return values.new_zeros((values.shape[0], W_dec.shape[1]))
-    return _SparseDecode.apply(values, indices, W_dec)
+    return _SparseDecode.apply(values, indices, W_dec, shared)
 
 
 class _TopKEncode(torch.autograd.Function):
     """Forward as `reference._TopKEncode` with the group-max selection; sparse Triton backward."""
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, k, aux_mask, k_aux):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k, dead, k_aux, shared):
+        x_c = x - b_dec if b_dec is not None else x
         pre = torch.addmm(b_enc.to(x_c.dtype), x_c, W_enc.to(x_c.dtype).t())  # (batch, d_sae)
         top, idx = select_topk(pre, k)
         values = top.clamp_min(0)
-        if aux_mask is not None and k_aux > 0:
-            masked = pre.masked_fill_(~aux_mask, float("-inf"))  # pre is no longer needed
-            atop, aidx = select_topk(masked, k_aux)
+        k_aux = dead.k_aux(k_aux) if dead is not None else 0
+        if k_aux:
+            atop, aidx = auxk.select(pre, dead, k_aux, select_topk, in_place=True)  # pre is no longer needed
             aux_values = atop.clamp_min(0)
         else:
             aidx = idx.new_zeros((x_c.shape[0], 0))
             aux_values = values.new_zeros((x_c.shape[0], 0))
         ctx.save_for_backward(x_c, W_enc, idx, values, aidx, aux_values)
         ctx.b_dtype = b_enc.dtype
+        ctx.shared = shared
         ctx.mark_non_differentiable(idx, aidx)
         return values, idx, aux_values, aidx
 
     @staticmethod
     def backward(ctx, g_values, _g_idx, g_aux, _g_aidx):
         x_c, W_enc, idx, values, aidx, aux_values = ctx.saved_tensors
-        g = torch.where(values > 0, g_values, 0)  # ReLU
+        # AuxK pairs join the same backward so the auxiliary loss trains the encoder (as OpenAI's
+        # train.py does; sparsify's fused encoder drops it).
+        codes = [(idx, values, torch.where(values > 0, g_values, 0))]  # ReLU
         if aidx.shape[1] > 0 and g_aux is not None:
-            # AuxK pairs join the same backward so the auxiliary loss trains the encoder (as OpenAI's
-            # train.py does; sparsify's fused encoder drops it).
-            g = torch.cat([g, torch.where(aux_values > 0, g_aux, 0)], dim=1)
-            idx = torch.cat([idx, aidx], dim=1)
-        g, idx, x_c, W_enc = g.contiguous(), idx.contiguous(), x_c.contiguous(), W_enc.contiguous()
-        grad_x = grad_W = grad_b = None
+            codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
+        x_c, W_enc = x_c.contiguous(), W_enc.contiguous()
+        n_latents = W_enc.shape[0]
+        grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _gather_sum(g, idx, W_enc, x_c.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            pairs, offsets = _pairs_by_latent(idx, W_enc.shape[0])
-            grad_W, grad_b = _segment_sum(
-                pairs, offsets, g, x_c, W_enc.shape[0],
-                rows_dtype=W_enc.dtype if ctx.needs_input_grad[1] else None,
-                sum_dtype=ctx.b_dtype if ctx.needs_input_grad[2] else None)
-        return grad_x, grad_W, grad_b, None, None, None
+            grad_x = sum(_gather_sum(g.contiguous(), i.contiguous(), W_enc, torch.float32) for i, _, g in codes)
+            grad_x = grad_x.to(x_c.dtype)
+        need_W, need_sum = ctx.needs_input_grad[2], ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        if need_W or need_sum:
+            grad_W = torch.empty_like(W_enc) if need_W else None
+            g_sum = torch.empty(n_latents, dtype=torch.float32, device=W_enc.device) if need_sum else None
+            for n, (i, v, g) in enumerate(codes):  # the top-k pairs, then the AuxK pairs: each sorted once a step
+                i, v, g = i.contiguous(), v.contiguous(), g.contiguous()
+                pairs, offsets = _shared_pairs(ctx.shared, i, v) or _pairs_by_latent(i, v, n_latents)
+                _segment_sum(pairs, offsets, g, x_c, n_latents, rows_out=grad_W, sums_out=g_sum, accumulate=n > 0)
+            if need_sum:
+                grad_b = g_sum.to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
+                if ctx.needs_input_grad[1]:  # sum over rows of -dx_c: one product, no (batch, d_in) gradient
+                    grad_b_dec = -(g_sum @ W_enc.float()).to(x_c.dtype)
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
-def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | None = None,
-                k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def topk_encode(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, aux_mask: Tensor | DeadLatents | None = None,
+                k_aux: int = 0, b_dec: Tensor | None = None,
+                shared: dict | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sparse top-k ReLU encoder; arguments and results as `reference.topk_encode`."""
-    if aux_mask is None:
-        k_aux = 0
-    return _TopKEncode.apply(x_c, W_enc, b_enc, k, aux_mask, k_aux)
+    dead = DeadLatents.of(aux_mask) if aux_mask is not None and k_aux > 0 else None
+    return _TopKEncode.apply(x_c, b_dec, W_enc, b_enc, k, dead, k_aux, shared)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from flashsae import kernels
 from flashsae.errors import ArtifactError, ConfigError
-from flashsae.kernels import cpu_topk
+from flashsae.kernels import auxk, cpu_topk
 from flashsae.models.base import ForwardOutput, ModelConfig, SparseAutoencoder, SparseCodes
 from flashsae.models.registry import register
 
@@ -51,9 +51,10 @@ class BatchTopKConfig(TopKConfig):
     """EMA rate of the inference threshold (mean of each batch's smallest kept activation)."""
 
 
-def _dense_aux(pre: Tensor, aux_mask: Tensor, k_aux: int) -> SparseCodes:
-    masked = pre.masked_fill(~aux_mask, float("-inf"))
-    top, idx = cpu_topk.topk(masked, k_aux)
+def _dense_aux(pre: Tensor, aux_mask: Tensor | kernels.DeadLatents, k_aux: int) -> SparseCodes:
+    """AuxK codes from dense pre-activations: the k_aux largest among the dead latents' columns."""
+    dead = kernels.DeadLatents.of(aux_mask)
+    top, idx = auxk.select(pre, dead, dead.k_aux(k_aux), cpu_topk.topk)
     return SparseCodes(torch.relu(top), idx)
 
 
@@ -76,7 +77,9 @@ class TopKSAE(SparseAutoencoder):
             raise ArtifactError("a topk SAE needs k")
         return {"k": int(cfg["k"])}
 
-    def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, *, aux_mask: Tensor | kernels.DeadLatents | None = None) -> ForwardOutput:
+        """`aux_mask`: the dead latents, a (d_sae,) bool mask or `kernels.DeadLatents` (AuxK then picks
+        among its candidates only, at most one slot each)."""
         cfg = self.cfg
         k_aux = cfg.effective_k_aux if (aux_mask is not None and cfg.auxk_coef > 0) else 0
         shared = None
@@ -85,16 +88,16 @@ class TopKSAE(SparseAutoencoder):
             values, idx, aux_values, aux_idx = kernels.topk_encode(
                 x, self.W_enc, self.b_enc, cfg.k, aux_mask=aux_mask, k_aux=k_aux, b_dec=self.b_dec, shared=shared)
             codes = SparseCodes(values, idx)
-            aux_codes = SparseCodes(aux_values, aux_idx) if k_aux else None
+            x_hat = self.decode_codes(codes, shared=shared)
+            # One layer: the AuxK reconstruction is the bare gather-sum (no b_dec), whose latent grouping
+            # the encoder's backward reuses too.
+            aux = kernels.sparse_decode(aux_values, aux_idx, self.W_dec, shared=shared) if k_aux else None
         else:
             pre = self.pre_acts(x)
             top, idx = cpu_topk.topk(pre, cfg.k)
             codes = SparseCodes(torch.relu(top), idx)
-            aux_codes = _dense_aux(pre, aux_mask, k_aux) if k_aux else None
-        x_hat = self.decode_codes(codes, shared=shared)
-        aux = None
-        if aux_codes is not None:
-            aux = self.decode_codes(aux_codes) - self.b_dec
+            x_hat = self.decode_codes(codes)
+            aux = self.decode_codes(_dense_aux(pre, aux_mask, k_aux)) - self.b_dec if k_aux else None
         return ForwardOutput(x_hat, codes, x_hat.new_zeros(()), aux)
 
 

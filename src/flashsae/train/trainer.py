@@ -10,6 +10,7 @@ from torch import Tensor
 
 from flashsae.config import TrainConfig
 from flashsae.distributed import LOCAL, Comm
+from flashsae.kernels import auxk
 from flashsae.models.base import SparseAutoencoder, SparseCodes
 from flashsae.train.optim import default_lr, lr_factor, make_optimizer, resolve_dtype, sparsity_factor
 
@@ -27,6 +28,10 @@ class Trainer:
 
     `step(batch)` takes a standardised batch already on the device and returns device tensors; reading
     them (and deciding whether AuxK is needed) is left to the caller every `log_every` steps.
+
+    AuxK (Gao et al., 2024, App. B.1) runs while latents are dead. `refresh_aux`, the caller's periodic
+    host read, counts them; until the next refresh each step selects among that many of the stalest
+    latents (all the dead ones, unless more have died since) with at most one AuxK slot each.
 
     Data parallel: `x` is this rank's share of the global batch and `comm` averages the gradients
     (before the decoder-gradient projection), ORs the dead-latent firing masks and averages
@@ -49,7 +54,7 @@ class Trainer:
         self.optimizer = make_optimizer(model.parameters(), cfg, self.base_lr, device)
         self.step_idx = 0
         self.rows_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=device)
-        self.use_aux = False
+        self.n_dead = 0  # dead latents at the last refresh_aux: the AuxK candidates per step
         self.auxk_coef = float(getattr(model.cfg, "auxk_coef", 0.0))
         self.dtype = resolve_dtype(cfg, model, device)  # "auto" picks per model and device
         if self.dtype == "bfloat16":
@@ -57,12 +62,17 @@ class Trainer:
         else:
             self._autocast = contextlib.nullcontext
 
+    @property
+    def use_aux(self) -> bool:
+        """Whether the steps until the next `refresh_aux` run AuxK."""
+        return self.n_dead > 0
+
     def dead_mask(self) -> Tensor:
         return self.rows_since_fired >= self.dead_after_rows
 
     def refresh_aux(self) -> None:
-        """Host-side decision (one sync) whether AuxK runs until the next refresh."""
-        self.use_aux = self.auxk_coef > 0 and bool(self.dead_mask().any())
+        """Host-side count (one sync) of the dead latents AuxK works on until the next refresh."""
+        self.n_dead = int(self.dead_mask().sum()) if self.auxk_coef > 0 else 0
 
     def step(self, batch: Mapping[str, Tensor] | Tensor) -> StepMetrics:
         """One update on a standardised batch: {stream: (batch, d)} (or the `x` tensor alone).
@@ -77,7 +87,7 @@ class Trainer:
         lr = self.base_lr * lr_factor(self.step_idx, self.total_steps, self.cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        aux_mask = self.dead_mask() if self.use_aux else None
+        aux_mask = auxk.stalest(self.rows_since_fired, self.dead_mask(), self.n_dead) if self.n_dead else None
         with self._autocast():
             out = model(x, aux_mask=aux_mask)
         x_hat = out.x_hat.float()
@@ -86,11 +96,14 @@ class Trainer:
         loss = mse + sparsity_factor(self.step_idx, self.total_steps, self.cfg) * out.penalty.float()
         aux_loss = mse.new_zeros(())
         if out.aux is not None:
-            # AuxK: dead latents reconstruct the residual, normalised by its variance (Gao et al., 2024, App. B.1).
-            resid = -diff.detach()
-            resid_mean = self.comm.all_reduce_mean_(resid.mean(0))  # of the global batch
-            resid_var = self.comm.all_reduce_mean_((resid - resid_mean).pow(2).sum(-1).mean()).clamp_min(1e-8)
-            aux_loss = self.auxk_coef * (out.aux.float() - resid).pow(2).sum(-1).mean() / resid_var
+            # AuxK: dead latents reconstruct the residual target - x_hat = -diff, normalised by its variance
+            # over the global batch (Gao et al., 2024, App. B.1): mean ||r||^2 - ||mean r||^2, from the
+            # squared error already summed above, so the only (batch, d_in) passes are the mean and the error.
+            resid_neg = diff.detach()
+            resid_mean = self.comm.all_reduce_mean_(resid_neg.mean(0))
+            resid_var = (self.comm.all_reduce_mean_(mse.detach().clone()) - resid_mean.dot(resid_mean)).clamp_min(1e-8)
+            aux_err = _SumOfSquares.apply(out.aux.float() + resid_neg) / x.shape[0]
+            aux_loss = self.auxk_coef * aux_err / resid_var
             loss = loss + aux_loss
         loss.backward()
         self.comm.all_reduce_grads_(self._params)
@@ -119,8 +132,8 @@ class Trainer:
 
     # ---- checkpoint state ------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
-        # use_aux too: it changes only at log steps, so a resume between two must not recompute it.
-        out = {"trainer.rows_since_fired": self.rows_since_fired, "trainer.use_aux": torch.tensor(self.use_aux)}
+        # n_dead too: it changes only at log steps, so a resume between two must not recompute it.
+        out = {"trainer.rows_since_fired": self.rows_since_fired, "trainer.n_dead": torch.tensor(self.n_dead)}
         for i, state in self.optimizer.state_dict()["state"].items():
             for name, value in state.items():
                 out[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
@@ -128,8 +141,12 @@ class Trainer:
 
     def load_state_tensors(self, tensors: dict[str, Tensor], step_idx: int) -> None:
         self.rows_since_fired.copy_(tensors["trainer.rows_since_fired"])
-        if "trainer.use_aux" in tensors:
-            self.use_aux = bool(tensors["trainer.use_aux"])
+        if "trainer.n_dead" in tensors:
+            self.n_dead = int(tensors["trainer.n_dead"])
+        elif "trainer.use_aux" in tensors:  # written before AuxK knew its count: count now
+            self.n_dead = 0
+            if bool(tensors["trainer.use_aux"]):
+                self.refresh_aux()
         sd = self.optimizer.state_dict()
         state: dict[int, dict] = {}
         for key, value in tensors.items():

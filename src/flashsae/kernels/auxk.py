@@ -1,0 +1,74 @@
+"""The latents an AuxK selection may pick, and that selection (Gao et al., 2024, App. B.1).
+
+AuxK reconstructs the residual from the top-k_aux pre-activations among the dead latents. Masking
+the live ones to -inf and running top-k over every latent costs a full selection per row, and when
+fewer latents are dead than k_aux the surplus slots are -inf ties that all land on the same few
+latents. Here the selection looks only at `candidates`, a short list of latent ids the trainer
+knows to hold every dead latent (it counts them at its periodic refresh, the one host read it
+makes anyway), and k_aux is capped at that count. Imports torch only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class DeadLatents(NamedTuple):
+    mask: Tensor        # (d_sae,) bool: dead now
+    candidates: Tensor  # (n_candidates,) int64 distinct latent ids holding every dead latent, as long as no
+    #                     more are dead than when the list was made (one that fired since is skipped by `mask`)
+
+    @classmethod
+    def of(cls, aux_mask: Tensor | DeadLatents) -> DeadLatents:
+        """`aux_mask` itself, or a bare (d_sae,) mask with every latent a candidate (no cap on k_aux)."""
+        if isinstance(aux_mask, DeadLatents):
+            return aux_mask
+        return cls(aux_mask, torch.arange(aux_mask.shape[0], device=aux_mask.device))
+
+    def k_aux(self, k_aux: int) -> int:
+        """AuxK slots per row: at most one per candidate (the surplus could only pick -inf)."""
+        return min(k_aux, self.candidates.shape[0])
+
+
+def stalest(rows_since_fired: Tensor, dead_mask: Tensor, n_candidates: int) -> DeadLatents:
+    """The `n_candidates` latents that have gone longest without firing: every dead latent as long as
+    at most `n_candidates` are dead (the dead ones are exactly the stalest). No host read."""
+    d_sae = rows_since_fired.shape[0]
+    if n_candidates >= d_sae:
+        candidates = torch.arange(d_sae, device=rows_since_fired.device)
+    else:
+        candidates = rows_since_fired.topk(n_candidates, sorted=False).indices
+    return DeadLatents(dead_mask, candidates)
+
+
+GATHER_FRACTION = 32
+"""Select among gathered candidate columns when there are at most d_sae / GATHER_FRACTION of them;
+otherwise among whole rows with the live latents pushed to -inf. On the 2-core CPU a column gather
+cost ~40x more per entry than adding a (d_sae,) row of 0 / -inf in place, and masked_fill_ 3-4x more
+than that add (`python -m bench.micro_cpu`): gathering pays only for short lists, where it also
+shrinks the selection."""
+
+
+def select(pre: Tensor, dead: DeadLatents, k_aux: int, topk: Callable[[Tensor, int], tuple[Tensor, Tensor]], *,
+           in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """The k_aux largest pre-activations of dead latents per row: (values, latent ids), each (rows, k_aux).
+
+    `k_aux` must not exceed the candidates' count. Values are those of `pre` (not clipped at 0); a slot
+    left without a dead latent (more candidates fired since the list was made than k_aux leaves over)
+    holds -inf. `topk(scores, k)` is the row-wise selection to use; `in_place` lets the function
+    overwrite `pre`. Differentiable in `pre` unless `in_place`.
+    """
+    rows, d_sae = pre.shape
+    candidates = dead.candidates
+    # 0 for dead latents, -inf for live ones: added, not masked (see GATHER_FRACTION)
+    penalty = torch.zeros(d_sae, dtype=pre.dtype, device=pre.device).masked_fill_(~dead.mask, float("-inf"))
+    if candidates.shape[0] * GATHER_FRACTION > d_sae:
+        return topk(pre.add_(penalty) if in_place else pre + penalty, k_aux)
+    scores = pre.gather(1, candidates.expand(rows, -1)) + penalty[candidates]
+    if k_aux == candidates.shape[0]:  # every candidate is taken: nothing to select
+        return scores, candidates.expand(rows, -1)
+    values, pos = topk(scores, k_aux)
+    return values, candidates[pos]

@@ -1,0 +1,132 @@
+"""Trainer.step: the AuxK loss against a plain-PyTorch AuxK, no host sync with AuxK on."""
+import pytest
+import torch
+
+from flashsae import kernels, models
+from flashsae.config import TrainConfig
+from flashsae.kernels import auxk
+from flashsae.train.trainer import Trainer
+
+DEAD_AFTER = 10**9
+
+
+def plain_auxk(model, x, dead, k_aux):
+    """Gao et al. (2024, App. B.1) in dense PyTorch: the k_aux largest dead pre-activations (ReLU) of
+    each row reconstruct the residual, normalised by the residual's variance."""
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))
+    x = x.double()
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    top, idx = pre.topk(model.cfg.k, dim=-1)
+    x_hat = torch.zeros_like(pre).scatter(1, idx, top.relu()) @ W_dec + b_dec
+    resid = x - x_hat
+    mask = torch.zeros(model.d_sae, dtype=torch.bool)
+    mask[dead] = True
+    atop, aidx = pre.masked_fill(~mask, float("-inf")).topk(k_aux, dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(1, aidx, atop.relu()) @ W_dec
+    var = (resid - resid.mean(0)).pow(2).sum(-1).mean()
+    return model.cfg.auxk_coef * (e_hat - resid).pow(2).sum(-1).mean() / var
+
+
+def trainer_with_dead(model, dead, **cfg):
+    tr = Trainer(model, TrainConfig(lr=1e-3, dtype="float32", **cfg), total_steps=10, dead_after_rows=DEAD_AFTER)
+    tr.rows_since_fired[dead] = DEAD_AFTER
+    tr.refresh_aux()
+    return tr
+
+
+def hand_set_model(k_aux):
+    """6 latents on 3 inputs with distinct, known pre-activations: latent j scores (j + 1) * x[0] + b_j."""
+    m = models.build("topk", d_in=3, d_sae=6, k=1, k_aux=k_aux, auxk_coef=0.5, normalize_decoder=False)
+    with torch.no_grad():
+        m.W_enc.zero_()
+        m.W_enc[:, 0] = torch.arange(1.0, 7.0)
+        m.b_enc.copy_(torch.tensor([0.0, -0.5, 0.25, -3.0, 0.1, -0.2]))
+        m.W_dec.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]) / 2)
+        m.b_dec.copy_(torch.tensor([0.1, -0.1, 0.0]))
+    return m
+
+
+@pytest.mark.parametrize("dead,k_aux", [
+    ([0, 2, 3], 2),       # k_aux < dead: the AuxK selection picks among the dead
+    ([1, 2, 4, 5], 4),    # k_aux = dead: every dead latent is taken
+    ([2, 4], 5),          # k_aux > dead: capped at the 2 dead latents; the loss is the same
+    ([3], 3),             # one dead latent whose pre-activation is mostly negative (ReLU zeros skipped)
+])
+def test_auxk_loss_matches_plain_pytorch_on_hand_set_weights(dead, k_aux):
+    x = torch.tensor([[1.0, 0.5, -0.5], [0.3, -1.0, 2.0], [-0.7, 0.2, 0.1], [2.0, 1.0, 1.0], [0.05, 0.0, -2.0]])
+    m = hand_set_model(k_aux)
+    want = plain_auxk(m, x, dead, k_aux)
+    tr = trainer_with_dead(m, dead)
+    assert tr.n_dead == len(dead)
+    got = tr.step(x).aux
+    assert float(want) > 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_dead,k_aux", [(40, 8), (8, 8), (3, 8), (1, 2)])
+def test_auxk_loss_matches_plain_pytorch_on_random_weights(n_dead, k_aux):
+    torch.manual_seed(n_dead)
+    m = models.build("topk", d_in=16, d_sae=64, k=4, k_aux=k_aux)
+    x = torch.randn(50, 16)
+    dead = torch.randperm(64)[:n_dead]
+    want = plain_auxk(m, x, dead, k_aux)
+    got = trainer_with_dead(m, dead).step(x).aux
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_auxk_slots_are_capped_at_the_dead_latents():
+    torch.manual_seed(0)
+    m = models.build("topk", d_in=16, d_sae=64, k=4, k_aux=8)
+    tr = trainer_with_dead(m, torch.tensor([5, 9, 33]))
+    dead = auxk.stalest(tr.rows_since_fired, tr.dead_mask(), tr.n_dead)
+    assert sorted(dead.candidates.tolist()) == [5, 9, 33]
+    values, idx, aux_values, aux_idx = kernels.topk_encode(torch.randn(7, 16), m.W_enc, m.b_enc, 4, aux_mask=dead,
+                                                           k_aux=8, b_dec=m.b_dec)
+    assert aux_idx.shape == (7, 3)  # not 8: three dead latents fill three slots
+    assert sorted(aux_idx[0].tolist()) == [5, 9, 33]
+
+
+def test_a_candidate_that_fired_since_the_refresh_is_not_selected():
+    torch.manual_seed(1)
+    m = models.build("topk", d_in=16, d_sae=64, k=4, k_aux=2)
+    tr = trainer_with_dead(m, torch.tensor([5, 9, 33]))
+    tr.rows_since_fired[9] = 0  # fired: alive again before the next refresh
+    dead = auxk.stalest(tr.rows_since_fired, tr.dead_mask(), tr.n_dead)
+    _, _, aux_values, aux_idx = kernels.topk_encode(torch.randn(30, 16), m.W_enc, m.b_enc, 4, aux_mask=dead, k_aux=2)
+    assert not bool((aux_idx[aux_values > 0] == 9).any())
+
+
+FORBIDDEN = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [3, 60])  # few (k_aux capped, gathered columns) and many (whole rows)
+def test_an_auxk_step_makes_no_host_sync(arch, n_dead, monkeypatch):
+    """With AuxK on, the step still never reads a value back to Python; only refresh_aux does."""
+    torch.manual_seed(0)
+    m = models.build(arch, d_in=12, d_sae=80, k=3)
+    tr = trainer_with_dead(m, torch.randperm(80)[:n_dead])
+    assert tr.use_aux
+
+    def forbid(*a, **k):
+        raise AssertionError("host sync inside Trainer.step")
+
+    x = torch.randn(32, 12)
+    for name in FORBIDDEN:
+        monkeypatch.setattr(torch.Tensor, name, forbid)
+    metrics = [tr.step(x) for _ in range(2)]
+    monkeypatch.undo()
+    assert all(float(s.aux) > 0 for s in metrics)
+
+
+def test_the_dead_count_survives_a_checkpoint():
+    m = models.build("topk", d_in=8, d_sae=32, k=2)
+    tr = trainer_with_dead(m, torch.tensor([1, 2, 3]))
+    state = {k: v.clone() for k, v in tr.state_tensors().items()}
+    tr.rows_since_fired.zero_()  # a count from the tensors, not from the counters
+    fresh = Trainer(m, TrainConfig(dtype="float32"), total_steps=10, dead_after_rows=DEAD_AFTER)
+    fresh.load_state_tensors(state, 0)
+    assert fresh.n_dead == 3 and fresh.use_aux
+    old = {"trainer.rows_since_fired": state["trainer.rows_since_fired"], "trainer.use_aux": torch.tensor(True)}
+    fresh.load_state_tensors(old, 0)  # a checkpoint written before the count existed: counted on load
+    assert fresh.n_dead == 3
