@@ -122,7 +122,9 @@ class TrainConfig:
     dtype: str = "auto"
     """Compute precision of the matrix products: float32, bfloat16 (master weights stay float32), or
     auto: bfloat16 for topk/batchtopk where the hardware multiplies bf16 natively (CPUs with
-    AVX512-BF16 or AMX, CUDA GPUs of compute capability 8.0+), else float32."""
+    AVX512-BF16 or AMX, CUDA GPUs of compute capability 8.0+), else float32; on such a GPU, auto
+    also runs the float32 matrix products of every architecture in TF32 while the run steps
+    (config.json's resolved dtype says tf32 for the architectures that are not bf16)."""
 
     threads: int | None = None
     """CPU threads for PyTorch; None picks 1 for small steps (batch*d_in*d_sae < 2^27), else

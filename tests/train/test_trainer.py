@@ -1,10 +1,11 @@
-"""Trainer.step: the AuxK loss against a plain-PyTorch AuxK, no host sync with AuxK on."""
+"""Trainer.step: the AuxK loss against a plain-PyTorch AuxK, no host sync with AuxK on, TF32 scoping."""
 import pytest
 import torch
 
 from flashsae import kernels, models
 from flashsae.config import TrainConfig
 from flashsae.kernels import auxk
+from flashsae.train import optim
 from flashsae.train.trainer import Trainer
 
 DEAD_AFTER = 10**9
@@ -130,3 +131,38 @@ def test_the_dead_count_survives_a_checkpoint():
     old = {"trainer.rows_since_fired": state["trainer.rows_since_fired"], "trainer.use_aux": torch.tensor(True)}
     fresh.load_state_tensors(old, 0)  # a checkpoint written before the count existed: counted on load
     assert fresh.n_dead == 3
+
+
+# ---- precision ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def ampere(monkeypatch):
+    """A CUDA device of compute capability 8.0, as far as the precision choice can tell."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+
+
+@pytest.mark.parametrize("arch", models.names())
+def test_auto_on_cuda_uses_tf32_for_every_fp32_architecture(arch, ampere):
+    cls = models.get(arch)
+    cuda = torch.device("cuda")
+    resolved = optim.resolve_dtype(TrainConfig(), cls, cuda)
+    assert resolved == ("bfloat16" if cls.k_limited else "tf32")
+    assert optim.tf32_matmuls(TrainConfig(), cuda)
+    assert not optim.tf32_matmuls(TrainConfig(dtype="float32"), cuda)  # asked for: true float32
+    assert not optim.tf32_matmuls(TrainConfig(), torch.device("cpu"))
+    assert optim.resolve_dtype(TrainConfig(dtype="float32"), cls, cuda) == "float32"
+
+
+def test_tf32_is_on_inside_the_step_only(monkeypatch):
+    monkeypatch.setattr(optim, "tf32_matmuls", lambda cfg, device: True)
+    m = models.build("relu-l1", d_in=6, d_sae=10)
+    seen = []
+    m.register_forward_hook(lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32))
+    tr = Trainer(m, TrainConfig(), total_steps=10, dead_after_rows=DEAD_AFTER)
+    before = torch.backends.cuda.matmul.allow_tf32
+    tr.step(torch.randn(4, 6))
+    assert seen == [True]
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    monkeypatch.setattr(optim, "tf32_matmuls", lambda cfg, device: False)
+    Trainer(m, TrainConfig(), total_steps=10, dead_after_rows=DEAD_AFTER).step(torch.randn(4, 6))
+    assert seen == [True, before]

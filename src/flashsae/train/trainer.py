@@ -12,6 +12,7 @@ from flashsae.config import TrainConfig
 from flashsae.distributed import LOCAL, Comm
 from flashsae.kernels import auxk
 from flashsae.models.base import SparseAutoencoder, SparseCodes
+from flashsae.train import optim
 from flashsae.train.optim import default_lr, lr_factor, make_optimizer, resolve_dtype, sparsity_factor
 
 
@@ -61,6 +62,8 @@ class Trainer:
             self._autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
         else:
             self._autocast = contextlib.nullcontext
+        tf32 = optim.tf32_matmuls(cfg, device)
+        self._precision = lambda: optim.matmul_precision(tf32)
 
     @property
     def use_aux(self) -> bool:
@@ -79,6 +82,10 @@ class Trainer:
 
         The model reads the streams named by its `inputs` and reconstructs its first `targets` one.
         """
+        with self._precision():
+            return self._step(batch)
+
+    def _step(self, batch: Mapping[str, Tensor] | Tensor) -> StepMetrics:
         model, opt = self.model, self.optimizer
         if isinstance(batch, Tensor):
             batch = {"x": batch}
