@@ -119,6 +119,31 @@ def test_omp_defaults_train_with_half_the_nonzeros(X, monkeypatch):
     assert seen["k"] == 4  # the library's 8, capped at n_components
 
 
+def test_default_budget_of_a_small_fit_is_full_batch(X, monkeypatch):
+    from flashsae.sklearn import SMALL_LR, SMALL_STEPS
+
+    est = SparseAutoencoder(n_components=32, transform_algorithm="omp", transform_n_nonzero_coefs=3, random_state=0,
+                            device="cpu").fit(X)
+    assert (est.result_.steps, est.result_.rows_seen) == (SMALL_STEPS["omp"], SMALL_STEPS["omp"] * 300)
+    assert est.score(X) > -0.05 * X.var()  # as good as 50 epochs of the library's batches (-0.037; untrained -0.15)
+    est = SparseAutoencoder(n_components=32, random_state=0, device="cpu").fit(X)
+    assert (est.result_.steps, est.result_.rows_seen) == (SMALL_STEPS["encoder"], SMALL_STEPS["encoder"] * 300)
+    assert est.score(X) > -0.03 * X.var()  # -0.013; untrained -1.3
+    seen = {}
+    monkeypatch.setattr(run_module, "train", lambda data, **options: seen.update(options) or (None, None))
+    SparseAutoencoder(n_components=32).fit(X)
+    assert (seen["batch_size"], seen["epochs"], seen["lr"]) == (300, SMALL_STEPS["encoder"], SMALL_LR)
+    assert seen["eval_every"] == 0  # no early stopping: held-out rows are evaluated at the end only
+    # a budget or a batch size given, or more rows than SMALL_ROWS: the library's batches and rate
+    for params in ({"epochs": 5}, {"batch_size": 100}):
+        seen.clear()
+        SparseAutoencoder(n_components=32, **params).fit(X)
+        assert seen["batch_size"] in (32, 100) and "lr" not in seen and "rows_on_device" not in seen
+    monkeypatch.setattr("flashsae.sklearn.SMALL_ROWS", 299)
+    SparseAutoencoder(n_components=32).fit(X)
+    assert seen["batch_size"] == 32 and "epochs" not in seen
+
+
 @pytest.mark.parametrize("architecture, given, passed", [
     ("topk", dict(k=3, l1=0.1, beta=0.2), dict(k=3)),
     ("relu-l1", dict(k=3, l1=0.1), dict(l1=0.1)),
