@@ -311,13 +311,16 @@ def model_step_grads(model, x, dead):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_one_sort_per_code_set_and_b_dec_from_one_product(monkeypatch):
+@pytest.mark.parametrize("few", [False, True])  # whole rows masked; 3 gathered candidates, all taken
+def test_one_sort_per_code_set_and_b_dec_from_one_product(monkeypatch, few):
     """The encoder's backward reuses the decoders' latent sorts, and needs no gather-sum for b_dec."""
     torch.manual_seed(9)
     model = models.build("topk", d_in=24, d_sae=96, k=3, k_aux=5).to(DEVICE)
     x = torch.randn(17, 24, device=DEVICE)
     dead = torch.zeros(96, dtype=torch.bool, device=DEVICE)
     dead[::4] = True
+    if few:
+        dead = kernels.DeadLatents(dead, torch.tensor([4, 40, 92], device=DEVICE))
     monkeypatch.setenv("FLASHSAE_KERNELS", "reference")
     want = model_step_grads(model, x, dead)
     monkeypatch.setenv("FLASHSAE_KERNELS", "triton")

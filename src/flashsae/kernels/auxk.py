@@ -69,6 +69,6 @@ def select(pre: Tensor, dead: DeadLatents, k_aux: int, topk: Callable[[Tensor, i
         return topk(pre.add_(penalty) if in_place else pre + penalty, k_aux)
     scores = pre.gather(1, candidates.expand(rows, -1)) + penalty[candidates]
     if k_aux == candidates.shape[0]:  # every candidate is taken: nothing to select
-        return scores, candidates.expand(rows, -1)
+        return scores, candidates.expand(rows, -1).contiguous()  # its own storage: the backward keys on it
     values, pos = topk(scores, k_aux)
     return values, candidates[pos]
