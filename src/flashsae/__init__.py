@@ -10,6 +10,7 @@ command line's start-up (`flashsae --help`) do not load torch; only the errors a
 __version__ = "0.1.0"
 
 import importlib
+import importlib.util
 import os
 from typing import TYPE_CHECKING
 
@@ -48,9 +49,12 @@ __all__ = ["train", "train_many", "load", "build", "names", "SparseAutoencoder",
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        module_name, attr = f"{__name__}.{name}", None  # a subpackage, as `flashsae.models` after `import flashsae`
+    else:
         raise AttributeError(f"module 'flashsae' has no attribute {name!r}")
-    module_name, attr = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value  # looked up once
