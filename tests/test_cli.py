@@ -37,6 +37,8 @@ def trained(tmp_path_factory, npy_file):
 
 def test_train_evaluate_encode_decode_info(trained, npy_file, tmp_path, capsys):
     code, out, _ = run_cli(["evaluate", trained, npy_file, "--json"], capsys)
+    assert code == 0 and json.loads(out)["rows"] == 300  # the training data: its held-out rows
+    code, out, _ = run_cli(["evaluate", trained, npy_file, "--rows", "all", "--json"], capsys)
     assert code == 0
     metrics = json.loads(out)
     assert metrics["rows"] == 3000 and metrics["fvu"] < 0.9 and metrics["l0"] <= 3
