@@ -115,7 +115,7 @@ def test_cli_trains_it_and_refuses_its_option_elsewhere(X, tmp_path, capsys):
                  *fast]) == 0
     assert flashsae.load(tmp_path / "r").cfg.shrink == 0.2
     assert main(["train", str(tmp_path / "x.npy"), "--shrink", "0.2", "--out", str(tmp_path / "o"), *fast]) == 2
-    assert "option 'shrink' applies to toy-shrink, not to architecture 'topk'" in capsys.readouterr().err
+    assert "option --shrink applies to toy-shrink, not to architecture 'topk'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
