@@ -386,8 +386,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         `small_budget`: `fit` of at most SMALL_ROWS rows without epochs or batch_size trains
         full-batch (`_small_budget`); `partial_fit` keeps the library's batches.
         """
-        from flashsae.train.options import model_fields
         from flashsae.train.prepare import auto_batch_size
+        from flashsae.train.spec import model_fields
 
         relevant = model_fields(self.architecture)  # also validates the name
         options = {"architecture": self.architecture, "standardize": self.standardize,
