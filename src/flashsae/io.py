@@ -83,6 +83,17 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def is_finished(out: str | os.PathLike) -> bool:
+    """Whether `out` holds a complete run (its model is written and no `<out>.partial` is left)."""
+    out = Path(out)
+    return (out / MODEL_FILE).is_file() and not partial_dir(out).exists()
+
+
+def is_resumable(out: str | os.PathLike) -> bool:
+    """Whether `<out>.partial` holds a checkpoint that `resume` can continue."""
+    return (partial_dir(Path(out)) / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file()
+
+
 def prepare_out(out: str | os.PathLike, *, overwrite: bool, resume: bool, create: bool = True) -> Path:
     """Validate the output directory and return the in-progress directory to write into.
 
@@ -96,8 +107,8 @@ def prepare_out(out: str | os.PathLike, *, overwrite: bool, resume: bool, create
         raise ConfigError(f"output path {out} exists and is not a directory")
     work = partial_dir(out)
     if resume:
-        if not (work / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file():
-            if (out / MODEL_FILE).is_file() and not work.exists():
+        if not is_resumable(out):
+            if is_finished(out):
                 raise ConfigError(f"nothing to resume: {out} is already finished")
             raise ConfigError(f"nothing to resume: no checkpoint in {work}")
         return work

@@ -168,9 +168,9 @@ class _Member:
                               "harvest the activations to a directory first")
         if out is None:
             return cls(spec, None, False, None, None)
-        if resume and (Path(out) / io.MODEL_FILE).is_file() and not io.partial_dir(Path(out)).exists():
+        if resume and io.is_finished(out):
             return cls(spec, out, False, None, (io.load(out), _finished_result(Path(out))))
-        can_resume = resume and (io.partial_dir(Path(out)) / io.CHECKPOINT_DIR / io.CHECKPOINT_STATE).is_file()
+        can_resume = resume and io.is_resumable(out)
         work = io.prepare_out(out, overwrite=overwrite or resume, resume=can_resume, create=False)
         if not can_resume:
             return cls(spec, out, False, None, None)

@@ -226,12 +226,12 @@ def train_each(data, grid: list[dict], run_dirs: list[Path], *, overwrite: bool,
         return [(result.metrics, result.run_dir) for _, result in trained]
     results = []
     for i, (point, run_dir) in enumerate(zip(grid, run_dirs)):
-        if resume and (run_dir / io.MODEL_FILE).is_file() and not io.partial_dir(run_dir).exists():
+        if resume and io.is_finished(run_dir):
             results.append((io.read_json(run_dir / io.METRICS_FILE), run_dir))  # finished before
             continue
         if not quiet:
             print(f"[{i + 1}/{len(grid)}] {run_dir.name}", flush=True)
-        again = resume and (io.partial_dir(run_dir) / io.CHECKPOINT_DIR / io.CHECKPOINT_STATE).is_file()
+        again = resume and io.is_resumable(run_dir)
         _, result = train(data, out=run_dir, overwrite=overwrite or resume, resume=again, quiet=quiet,
                           tensorboard=tensorboard, wandb=wandb, comm=distributed.LOCAL, **point)
         results.append((result.metrics, result.run_dir))
