@@ -101,7 +101,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     architecture : str, default="topk"
         A registered architecture (``flashsae.names()``).
     n_components : int, default=None
-        Number of latents (dictionary atoms); None picks 8 * n_features.
+        Number of latents (dictionary atoms); None picks 8 * n_features, capped
+        at the largest power of two up to (training rows) / 8, never below n_features.
     encoder_hidden : tuple of int, default=()
         Widths of ReLU hidden layers before the code layer.
     decoder_hidden : tuple of int, default=()

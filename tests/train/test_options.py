@@ -97,3 +97,16 @@ def test_the_resolved_dtype_is_recorded(tmp_path):
     cfg = io.read_json(result.run_dir / io.CONFIG_FILE)
     assert cfg["train"]["dtype"] == "auto"
     assert cfg["resolved"]["dtype"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+
+
+@pytest.mark.parametrize("d_in, n_train, latents", [
+    (64, 1617, 128),      # digits: 1,617 rows / 8 -> 128
+    (13, 160, 16),        # wine: the power of two up to 20
+    (13, 40, 13),         # never below the width
+    (384, 45_000, 3072),  # enough rows: 8 x the width
+    (64, None, 512),      # rows unknown: 8 x the width
+])
+def test_default_latents_follow_the_rows(d_in, n_train, latents):
+    from flashsae.train.spec import default_latents
+
+    assert default_latents(d_in, n_train) == latents

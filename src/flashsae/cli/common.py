@@ -16,7 +16,7 @@ FLAG_NAMES = {"d_sae": "latents"}
 """Config fields whose flag is not `--field-name`. Messages that reach the command line name the
 flag (`with_flag_names`), which the parser derives from this mapping."""
 
-DATA_DEFAULTS = {"d_sae": "8 x the input width"}
+DATA_DEFAULTS = {"d_sae": "8 x the input width, fewer for fewer than 64 training rows per column"}
 """Defaults that come from the data, for fields whose docstring does not say so."""
 
 FROM_DATA = frozenset({"d_sae", "batch_size", "rows", "lr", "dead_after_rows", "threads", "k_aux"})

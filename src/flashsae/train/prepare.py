@@ -344,7 +344,7 @@ def plan_threads(specs: list[RunSpec], dpass: DataPass, workers: int | None) -> 
     Not side by side when a spec sets `threads`, `workers` is 1, the pass has one model or the
     machine one core. A model on one thread is bit-identical to `train(..., threads=1)`.
     """
-    macs = [dpass.batch_size * dpass.d_in * s.model_config(dpass.d_in).d_sae for s in specs]
+    macs = [dpass.batch_size * dpass.d_in * s.model_config(dpass.d_in, len(dpass.train_ids)).d_sae for s in specs]
     side_by_side = (dpass.device.type == "cpu" and len(specs) > 1 and cores() > 1 and workers != 1
                     and all(s.train.threads is None for s in specs) and max(macs) < SIDE_BY_SIDE_MACS)
     if side_by_side:

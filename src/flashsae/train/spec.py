@@ -126,12 +126,13 @@ class RunSpec:
             return dataclasses.replace(base, train=train)
         return dataclasses.replace(base, train=train, data=dataclasses.replace(base.data, data=given.data.data))
 
-    def model_config(self, d_in: int):
-        """The architecture's config for `d_in` input columns (`d_sae` defaults to 8 * d_in)."""
+    def model_config(self, d_in: int, n_train: int | None = None):
+        """The architecture's config for `d_in` input columns and `n_train` training rows (for the
+        default number of latents, `default_latents`)."""
         cls = models.get(self.architecture).config_cls
         opts = {"d_in": d_in, **self.model_options}
         if opts.get("d_sae") is None:
-            opts["d_sae"] = 8 * d_in
+            opts["d_sae"] = default_latents(d_in, n_train)
         try:
             return cls(**opts)
         except TypeError as e:
@@ -141,6 +142,21 @@ class RunSpec:
         """Specs with equal keys read the data identically and can share one pass."""
         train = to_dict(self.train)
         return repr(sorted(to_dict(self.data).items())), tuple(train[k] for k in PASS_OPTIONS)
+
+
+def default_latents(d_in: int, n_train: int | None = None) -> int:
+    """Latents when none are asked for: 8 x the input width, fewer when the rows are few.
+
+    Every latent should fire on enough training rows to learn its atom: with fewer than about
+    eight rows per latent many die (digits, 1,617 rows x 64 columns: 35% dead with 512 latents,
+    5% with 128, at about the same held-out FVU), so the default is capped at the largest power
+    of two up to n_train / 8, and never below the input width.
+    """
+    latents = 8 * d_in
+    if n_train is not None:
+        per_rows = 1 << max(0, (n_train // 8).bit_length() - 1)
+        latents = min(latents, max(d_in, per_rows))
+    return latents
 
 
 def _plain(v):

@@ -92,7 +92,7 @@ class TrainingRun:
         comm = dpass.comm
         cfg = spec.train
         torch.set_num_threads(threads)
-        model_cfg = spec.model_config(dpass.d_in)
+        model_cfg = spec.model_config(dpass.d_in, len(dpass.train_ids))
         torch.manual_seed(cfg.seed)
         cls = models.get(spec.architecture)
         self.model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]]))
