@@ -142,6 +142,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Steps between checkpoints for --resume; 0 writes one only when interrupted."""
 
+    tensor_parallel: int = 1
+    """Under torchrun: ranks that share each model's latents (tensor parallel). Each holds a contiguous
+    1/T of them with their optimizer moments; the world size divided by T is data parallel. Must divide
+    the number of ranks and the number of latents (see docs/distributed.md)."""
+
     rows_on_device: str = "auto"
     """Put the training rows on the device once and shuffle them there (the same batches as read
     from the host): auto (on CUDA when they fit in a quarter of the free memory, or when the data is
@@ -170,6 +175,8 @@ class TrainConfig:
         for name in ("log_every", "patience", "checkpoint_every"):
             if getattr(self, name) < 0 or (name == "log_every" and self.log_every < 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.rows_on_device not in ("auto", "yes", "no"):

@@ -1,5 +1,6 @@
-"""Data-parallel training under torchrun: a process group from the environment, and collectives
-that are no-ops in a single process, so the same code runs alone and on N ranks.
+"""Training under torchrun: a process group from the environment, data parallelism (`comm`) and
+latent sharding (`tensor`), with collectives that are no-ops in a single process, so the same
+code runs alone and on N ranks.
 
 Imports only torch and `errors`; see docs/distributed.md for launching and costs.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from flashsae.distributed.comm import DEFAULT_TIMEOUT_S, LOCAL, Comm, ProcessGroupComm, current, from_env
+from flashsae.distributed.tensor import WHOLE, LatentGroup, split
 
 
 def is_main() -> bool:
@@ -38,5 +40,5 @@ def barrier() -> None:
     current().barrier()
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "Comm", "ProcessGroupComm", "all_reduce_mean_", "barrier",
-           "broadcast_", "current", "from_env", "is_main", "rank", "world_size"]
+__all__ = ["DEFAULT_TIMEOUT_S", "LOCAL", "WHOLE", "Comm", "LatentGroup", "ProcessGroupComm", "all_reduce_mean_",
+           "barrier", "broadcast_", "current", "from_env", "is_main", "rank", "split", "world_size"]

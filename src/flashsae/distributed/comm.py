@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from flashsae.distributed.tensor import WHOLE, LatentGroup
 from flashsae.errors import ConfigError, DataError, DistributedError
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -31,6 +32,7 @@ class Comm:
     rank = 0
     world_size = 1
     local_rank = 0
+    tensor: LatentGroup = WHOLE  # the ranks this one shares its latents with (tensor parallel)
 
     def is_main(self) -> bool:
         """True on the rank that writes files, prints and shows progress bars (rank 0)."""
@@ -73,25 +75,36 @@ LOCAL = Comm()
 
 
 class ProcessGroupComm(Comm):
-    """One rank of a torch.distributed process group (initialised by `from_env`)."""
+    """One rank of a torch.distributed process group (initialised by `from_env`).
 
-    def __init__(self, timeout_s: float):
+    `group`: the data-parallel ranks, when they are not the whole world (`tensor.split`): `rank`,
+    `world_size`, gradient averages and firing masks are then the data group's, while the stop
+    agreement, broadcasts, barriers and `is_main` (global rank 0) span every rank.
+    """
+
+    def __init__(self, timeout_s: float, group=None):
         import torch.distributed as dist
 
         self._dist = dist
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.group = group
+        self.global_rank = dist.get_rank()
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.timeout_s = timeout_s
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+    def call(self, what: str, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, a collective: a failure becomes a DistributedError naming this rank."""
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:  # DistBackendError, DistNetworkError, gloo's "Connection closed by peer"
             _STATE["broken"] = True
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DistributedError(
-                f"rank {self.rank} lost contact with the process group during {what} (another rank exited or "
+                f"rank {self.global_rank} lost contact with the process group during {what} (another rank exited or "
                 f"did not answer within {self.timeout_s:g} s; see its log, or raise --dist-timeout): {detail}"
             ) from None
 
@@ -104,29 +117,30 @@ class ProcessGroupComm(Comm):
 
     def all_reduce_mean_(self, t: Tensor) -> Tensor:
         # SUM then divide: ReduceOp.AVG exists for NCCL only.
-        self._call("all_reduce", self._dist.all_reduce, t)
+        self.call("all_reduce", self._dist.all_reduce, t, group=self.group)
         return t.div_(self.world_size)
 
     def any_(self, mask: Tensor) -> Tensor:
         flags = mask.to(torch.uint8)
-        self._call("all_reduce", self._dist.all_reduce, flags, op=self._dist.ReduceOp.MAX)
+        self.call("all_reduce", self._dist.all_reduce, flags, op=self._dist.ReduceOp.MAX, group=self.group)
         return flags.bool()
 
     def broadcast_(self, t: Tensor, src: int = 0) -> Tensor:
-        self._call("broadcast", self._dist.broadcast, t, src)
+        self.call("broadcast", self._dist.broadcast, t, src)
         return t
 
     def barrier(self) -> None:
-        self._call("barrier", self._dist.barrier)
+        self.call("barrier", self._dist.barrier)
 
     def all_reduce_grads_(self, params) -> None:
         # Which parameters have a gradient depends on the model and the AuxK switch, both the same on
         # every rank, never on the data; a parameter without one is skipped by the optimizer too.
         grads = [p.grad for p in params if p.grad is not None]
         # One asynchronous all-reduce per tensor (a handful per SAE), all in flight at once.
-        works = [self._call("gradient all_reduce", self._dist.all_reduce, g, async_op=True) for g in grads]
+        works = [self.call("gradient all_reduce", self._dist.all_reduce, g, async_op=True,
+                            group=self.group) for g in grads]
         for w in works:
-            self._call("gradient all_reduce", w.wait)
+            self.call("gradient all_reduce", w.wait)
         for g in grads:
             g.div_(self.world_size)
 
@@ -138,13 +152,15 @@ class ProcessGroupComm(Comm):
     def agree_stop(self, stop: bool, *, sync_point: bool) -> bool:
         if not sync_point:
             return False
-        return bool(self.any_(torch.tensor([stop])).item())
+        flag = torch.tensor([stop], dtype=torch.uint8)  # over every rank, not only the data group
+        self.call("all_reduce", self._dist.all_reduce, flag, op=self._dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def check_same(self, what: str, value: str) -> None:
         mine = torch.frombuffer(bytearray(hashlib.sha256(value.encode()).digest()), dtype=torch.uint8)
         ref = self.broadcast_(mine.clone(), 0)
         if not torch.equal(ref, mine):
-            raise DataError(f"rank {self.rank} sees different {what} than rank 0 ({value}); every rank "
+            raise DataError(f"rank {self.global_rank} sees different {what} than rank 0 ({value}); every rank "
                             "must read the same data (a shared file system, or identical copies)")
 
 

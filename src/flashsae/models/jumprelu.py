@@ -76,6 +76,7 @@ class JumpReLUSAE(SparseAutoencoder):
     straight-through estimators (Rajamanoharan et al., 2024); L0 falls as l0 rises."""
 
     config_cls = JumpReLUConfig
+    latent_sharding = "elementwise"  # the threshold and the L0 sum act per latent (models.sharded)
     saelens_architecture = "jumprelu"
     saelens_imports = True
     saelens_tensors = ("threshold",)

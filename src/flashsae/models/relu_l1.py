@@ -32,6 +32,7 @@ class ReluL1SAE(SparseAutoencoder):
     """
 
     config_cls = ReluL1Config
+    latent_sharding = "elementwise"  # relu and the L1 sum act per latent (models.sharded)
     saelens_architecture = "standard"
     saelens_imports = True
 

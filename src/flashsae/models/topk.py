@@ -65,6 +65,7 @@ class TopKSAE(SparseAutoencoder):
 
     config_cls = TopKConfig
     k_limited = True
+    latent_sharding = "topk"  # shards' top k merged into the global top k (models.sharded)
     saelens_architecture = "topk"
     saelens_imports = True
 
@@ -108,6 +109,7 @@ class BatchTopKSAE(SparseAutoencoder):
 
     config_cls = BatchTopKConfig
     k_limited = True
+    latent_sharding = "batchtopk"  # shards' k * batch largest merged (models.sharded)
     # SAELens saves BatchTopK SAEs for inference as JumpReLU, with the global threshold on every latent.
     saelens_architecture = "jumprelu"
     saelens_tensors = ("threshold",)

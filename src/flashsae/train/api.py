@@ -67,6 +67,8 @@ def train(data=None, *, out=None, overwrite: bool = False, resume: bool = False,
         work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=False)
         saved = io.read_json(work / io.CONFIG_FILE) if resume else None
     spec = RunSpec.for_resume(data, saved, options) if saved else RunSpec.from_options(data, options)
+    if comm.tensor.size != spec.train.tensor_parallel:  # data x tensor parallel over torchrun's ranks
+        comm = distributed.split(comm, spec.train.tensor_parallel)
     dpass = DataPass.open(data, spec, comm=comm, resume=resume, show=show)
     run = None
     try:

@@ -23,8 +23,9 @@ DATA_FIELDS = frozenset(f.name for f in dataclasses.fields(DataConfig))
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 PASS_OPTIONS = ("seed", "batch_size", "device")
 """Training options that shape the data pass (split, shuffle, batch, device); every data option does too."""
-RESUME_MAY_CHANGE = frozenset({"threads", "checkpoint_every"})
-"""Options a resumed run may set anew: neither changes what the remaining steps compute."""
+RESUME_MAY_CHANGE = frozenset({"threads", "checkpoint_every", "tensor_parallel"})
+"""Options a resumed run may set anew: none changes what the remaining steps compute (a different
+tensor_parallel only how their sums round)."""
 
 
 def canonical(options: Mapping) -> dict:

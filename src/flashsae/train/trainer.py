@@ -51,7 +51,7 @@ class Trainer:
         self.total_steps = total_steps
         self.dead_after_rows = dead_after_rows
         device = model.W_dec.device
-        self.base_lr = default_lr(cfg, model.d_sae)
+        self.base_lr = default_lr(cfg, model.cfg.d_sae)  # all latents, also when this rank holds a shard
         self.optimizer = make_optimizer(model.parameters(), cfg, self.base_lr, device)
         self.step_idx = 0
         self.rows_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=device)
@@ -74,8 +74,14 @@ class Trainer:
         return self.rows_since_fired >= self.dead_after_rows
 
     def refresh_aux(self) -> None:
-        """Host-side count (one sync) of the dead latents AuxK works on until the next refresh."""
-        self.n_dead = int(self.dead_mask().sum()) if self.auxk_coef > 0 else 0
+        """Host-side count (one sync) of the dead latents AuxK works on until the next refresh.
+
+        With the latents split over ranks AuxK's selection is merged over them, so while any rank has
+        dead latents every rank takes part, with at least one candidate (a live one is never picked).
+        """
+        n_dead = self.dead_mask().sum() if self.auxk_coef > 0 else self.rows_since_fired.new_zeros(())
+        anywhere = int(self.comm.tensor.sum_(n_dead.clone()))
+        self.n_dead = max(int(n_dead), min(anywhere, 1))
 
     def step(self, batch: Mapping[str, Tensor] | Tensor) -> StepMetrics:
         """One update on a standardised batch: {stream: (batch, d)} (or the `x` tensor alone).

@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 
 from flashsae import io
+from flashsae.errors import ConfigError
 from flashsae.eval.evaluate import evaluate
+from flashsae.models.sharded import check as check_sharding
+from flashsae.models.sharded import shard
 from flashsae.train import artifacts, checkpoint, loggers
 from flashsae.train.checkpoint import LoopState
 from flashsae.train.prepare import DataPass
@@ -95,32 +98,40 @@ class TrainingRun:
         model_cfg = spec.model_config(dpass.d_in, len(dpass.train_ids))
         torch.manual_seed(cfg.seed)
         cls = models.get(spec.architecture)
-        self.model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]]))
-        if self.model.target_standardizer is not None:
-            self.model.target_standardizer = copy.deepcopy(dpass.standardizers[cls.targets[0]])
-        self.model.to(dpass.device)
+        if cfg.tensor_parallel != comm.tensor.size:
+            raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} needs its own process groups: train one model "
+                              "with flashsae train under torchrun")
+        check_sharding(cls, model_cfg, comm.tensor.size)
+        model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]]))
+        if model.target_standardizer is not None:
+            model.target_standardizer = copy.deepcopy(dpass.standardizers[cls.targets[0]])
+        model.to(dpass.device)
+        if not resume:
+            dpass.init_b_dec(model, threads)
+        comm.broadcast_module_(model)  # every rank starts from rank 0's weights and standardiser
+        self.model = shard(model, comm.tensor)  # this rank's latents when they are split over ranks
         self.total_steps, dead_after, self.eval_every = schedule(spec, len(dpass.train_ids), dpass.batch_size,
                                                                  model_cfg.d_sae)
         self.trainer = Trainer(self.model, cfg, total_steps=self.total_steps, dead_after_rows=dead_after, comm=comm)
         resolved = {"batch_size": dpass.batch_size, "total_steps": self.total_steps, "lr": self.trainer.base_lr,
                     "dtype": self.trainer.dtype, "dead_after_rows": dead_after, "device": str(dpass.device),
-                    "world_size": comm.world_size, "threads": threads, "rows_on_device": dpass.rows_go_to_device(),
+                    "world_size": comm.world_size * comm.tensor.size, "threads": threads,
+                     "rows_on_device": dpass.rows_go_to_device(),
                     **kernels.describe(dpass.device)}
         self.config = io.run_config(spec.architecture, model_cfg, train=cfg, data=spec.data,
                                     preprocess={"mode": spec.data.standardize}, data_stats=dpass.data_stats(),
                                     resolved=resolved)
         self.out = out
         self.work = None
-        if out is not None and comm.is_main():  # only rank 0 writes
+        if out is not None and comm.is_main():  # only rank 0 writes, but for the shards of a checkpoint
             self.work = io.prepare_out(out, overwrite=overwrite, resume=resume, create=not resume)
+        self._ckpt = io.partial_dir(Path(out)) if out is not None and comm.tensor.size > 1 else self.work
         if resume:
             self.state = checkpoint.load(io.partial_dir(Path(out)), self.model, self.trainer)
         else:
             self.state = LoopState()
-            dpass.init_b_dec(self.model, threads)
             if self.work is not None:
                 io.write_json(self.work / io.CONFIG_FILE, self.config)
-        comm.broadcast_module_(self.model)  # every rank starts from rank 0's weights and standardiser
         # Live curves paced on this run's training time: wall time would redraw all the models of a
         # pass as often as one, and draw models mid-run that alone finish before the first redraw.
         self.logs = loggers.TrainingLogs.open(self.work, self.config, self.state.history,
@@ -167,7 +178,7 @@ class TrainingRun:
         eval_s = 0.0
         if at_log:
             eval_s = self._log(evaluate_now)
-        if self.work is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
+        if self._ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
             self.checkpoint()
         if cfg.patience and state.since_best >= cfg.patience and not done:
             self.stopped_early = (step, self.total_steps)
@@ -178,11 +189,15 @@ class TrainingRun:
         """A log row from the step metrics averaged since the last one (over ranks too), the AuxK switch,
         and at evaluation steps the held-out check. Returns the seconds the evaluation took."""
         state, trainer, comm = self.state, self.trainer, self.dpass.comm
-        loss, mse, var, l0, aux = comm.all_reduce_mean_(self._acc / self._n_acc).tolist()  # one device read
+        acc, shards = self._acc / self._n_acc, comm.tensor
+        # L0 and the dead fraction count this rank's latents: summed over the shards (of equal size)
+        per_shard = shards.sum_(torch.stack([acc[3], trainer.dead_mask().float().mean()]))
+        acc[3] = per_shard[0]
+        loss, mse, var, l0, aux = comm.all_reduce_mean_(acc).tolist()  # one device read
         self._acc, self._n_acc = None, 0
         row = {"step": state.step, "rows_seen": state.rows_seen, "loss": loss, "mse": mse,
                "fvu_standardized": mse / max(var, 1e-12), "l0": l0, "aux_loss": aux,
-               "dead_fraction_window": float(trainer.dead_mask().float().mean()),
+               "dead_fraction_window": float(per_shard[1]) / shards.size,
                "lr": trainer.optimizer.param_groups[0]["lr"], "val_fvu_standardized": "", "val_l0": "",
                "elapsed_s": round(state.elapsed, 3)}
         trainer.refresh_aux()
@@ -193,7 +208,9 @@ class TrainingRun:
             self.model.train()
             eval_s = time.perf_counter() - t
             # Every rank evaluates the same rows; rank 0's numbers make the early-stopping call.
-            fvu, l0 = comm.broadcast_(torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)).tolist()
+            val = torch.tensor([v["fvu_standardized"], v["l0"]], dtype=torch.float64)
+            val[1:] = comm.tensor.sum_(val[1:].clone())  # a shard's L0 counts its own latents
+            fvu, l0 = comm.broadcast_(val).tolist()
             row["val_fvu_standardized"], row["val_l0"] = fvu, l0
             if fvu < state.best * (1 - 1e-3):
                 state.best, state.since_best = fvu, 0
@@ -206,9 +223,9 @@ class TrainingRun:
         return eval_s
 
     def checkpoint(self) -> None:
-        """Write a checkpoint for --resume (rank 0, with an output directory)."""
-        if self.work is not None:
-            checkpoint.save(self.work, self.model, self.trainer, self.state)
+        """Write a checkpoint for --resume (rank 0 with an output directory; every rank when sharded)."""
+        if self._ckpt is not None:
+            checkpoint.save(self._ckpt, self.model, self.trainer, self.state, self.dpass.comm)
 
     def interrupted(self) -> TrainResult:
         """The result of a run stopped before its end (its checkpoint is written)."""
@@ -221,6 +238,8 @@ class TrainingRun:
         """Final held-out evaluation and the run directory; returns (and keeps) the result."""
         s, dpass = self.state, self.dpass
         torch.set_num_threads(self.threads)
+        if self.dpass.comm.tensor.size > 1:  # the whole model on every rank, for evaluation and writing
+            self.model = self.model.gather()
         self.model.eval()
         metrics: dict = {}
         if evaluate_final:
