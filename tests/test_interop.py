@@ -49,7 +49,7 @@ def test_every_saelens_architecture_exported_has_one_importer():
     exported = {models.get(name).saelens_architecture for name in EXPORTABLE}
     importers = [models.get(name).saelens_architecture for name in models.names() if models.get(name).saelens_imports]
     assert sorted(importers) == sorted(set(importers)) and exported == set(importers)
-    assert exported == {"standard", "topk", "jumprelu"}  # SAELens's inference architectures
+    assert exported == {"standard", "topk", "jumprelu", "gated"}  # SAELens inference architectures
 
 
 @pytest.mark.parametrize("arch", EXPORTABLE)
@@ -133,9 +133,12 @@ def test_import_errors(tmp_path):
     saved_run(tmp_path / "gated", "topk", k=4)
     interop.export_saelens(tmp_path / "gated", tmp_path / "gated-sl")
     cfg = json.loads((tmp_path / "gated-sl" / "cfg.json").read_text())
+    (tmp_path / "gated-sl" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "temporal"}))
+    with pytest.raises(ArtifactError, match=r"SAELens architecture 'temporal' has no flashsae equivalent "
+                                            r"\(supported: gated, jumprelu, standard, topk\)"):
+        interop.import_dir(tmp_path / "gated-sl", tmp_path / "r4")
     (tmp_path / "gated-sl" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
-    with pytest.raises(ArtifactError, match=r"SAELens architecture 'gated' has no flashsae equivalent "
-                                            r"\(supported: jumprelu, standard, topk\)"):
+    with pytest.raises(ArtifactError, match=r"sae_weights.safetensors is missing tensors b_gate, r_mag, b_mag"):
         interop.import_dir(tmp_path / "gated-sl", tmp_path / "r4")
     (tmp_path / "gated-sl" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "standard",
                                                                 "activation_fn": "tanh"}))

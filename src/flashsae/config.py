@@ -21,8 +21,13 @@ STANDARDIZE_MODES = ("column", "global", "norm", "none")
 class DataConfig:
     """Where the rows come from and how they are prepared."""
 
-    data: str = "digits"
-    """Input: a .npy/.npz/.csv/.tsv/.safetensors file, a directory of .npy shards, or 'digits' / 'synthetic'."""
+    data: str | tuple[str, ...] = "digits"
+    """Input: a .npy/.npz/.csv/.tsv/.safetensors file, a directory of .npy shards, or 'digits' / 'synthetic';
+    several paths are read side by side as the layers of one row (crosscoders, cross-layer transcoders)."""
+
+    target: str | tuple[str, ...] | None = None
+    """What a transcoder reconstructs (stream y): a file or shard directory with the same rows as the
+    input (several paths: one per layer); None for a sparse autoencoder."""
 
     key: str | None = None
     """Array name inside a .npz or .safetensors file."""
@@ -58,6 +63,10 @@ class DataConfig:
     """synthetic: seed of the generator."""
 
     def __post_init__(self) -> None:
+        for name in ("data", "target"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(str(v) for v in value) if len(value) > 1 else str(value[0]))
         if self.standardize not in STANDARDIZE_MODES:
             raise ConfigError(f"standardize must be one of {', '.join(STANDARDIZE_MODES)}, got {self.standardize!r}")
         if not 0 <= self.val_fraction < 1:

@@ -76,6 +76,8 @@ def export_saelens(run_dir, out, *, overwrite: bool = False) -> Path:
                         **_hook_metadata(model.run_config)},
            "architecture": type(model).saelens_architecture, **extra_cfg}
     tensors.update(extra_tensors)
+    for name in type(model).saelens_replaces:  # written under its SAELens name among extra_tensors
+        del tensors[name]
     return _publish(Path(out), overwrite, {SAELENS_CFG: cfg}, SAELENS_WEIGHTS, tensors)
 
 
@@ -130,7 +132,10 @@ def load_saelens(path) -> "models.SparseAutoencoder":
     scaling = t.pop("scaling_factor", t.pop("finetuning_scaling_factor", None))
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ArtifactError(f"{where}: a finetuning scaling factor is not supported")
-    _require(t, ("W_enc", "b_enc", "W_dec", "b_dec", *cls.saelens_tensors), path / SAELENS_WEIGHTS)
+    base = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in cls.saelens_replaces]
+    _require(t, (*base, *cls.saelens_tensors), path / SAELENS_WEIGHTS)
+    for name in cls.saelens_replaces:  # a bias set from the architecture's own tensors below
+        t[name] = torch.zeros(t["W_dec"].shape[0 if name == "b_enc" else 1])
     W_enc, b_enc, W_dec, b_dec = t["W_enc"].T.contiguous(), t["b_enc"], t["W_dec"], t["b_dec"]
     if not cfg.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc: move b_dec out of the encoder
         b_enc = b_enc + W_enc @ b_dec

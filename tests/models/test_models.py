@@ -18,6 +18,8 @@ ARCHS = models.names()
 def build(arch, d_in=12, d_sae=40, **kw):
     if arch in models.options().get("k", {}):
         kw.setdefault("k", 3)
+    if arch in models.options().get("layers", {}):  # crosscoders: 12 columns as 2 layers of 6
+        kw.setdefault("layers", 2)
     return models.build(arch, d_in=d_in, d_sae=d_sae, **kw)
 
 
@@ -78,6 +80,10 @@ def test_register_refuses(name, cls, match):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("hidden", [(), (16,)])
 def test_forward_shapes_and_public_roundtrip(arch, hidden):
+    if hidden and not models.get(arch).supports_hidden:
+        with pytest.raises(ConfigError, match="has one layer; drop --encoder-hidden/--decoder-hidden"):
+            build(arch, encoder_hidden=hidden, decoder_hidden=hidden)
+        return
     m = build(arch, encoder_hidden=hidden, decoder_hidden=hidden)
     x = torch.randn(9, 12)
     out = m(x)
@@ -96,7 +102,7 @@ def test_step_makes_no_host_sync(arch, monkeypatch):
     """The hot path never reads a value back to Python (no .item(), no bool(tensor), no .tolist())."""
     m = build(arch, encoder_hidden=(16,) if arch == "kl" else ())
     tr = Trainer(m, TrainConfig(), total_steps=10, dead_after_rows=1)
-    x = torch.randn(32, 12)
+    x = {name: torch.randn(32, 12) for name in {*m.inputs, *m.targets}}  # a transcoder reads x, writes y
     tr.step(x)
     tr.refresh_aux()  # outside the step: decides AuxK for the next steps (one read per log interval)
 

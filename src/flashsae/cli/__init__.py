@@ -36,8 +36,8 @@ EPILOG = """examples:
   flashsae report runs/sweep                          # one HTML page with tables and plots
 
 flashsae COMMAND --help lists a command's options; defaults marked "from the data" depend on the
-rows given (--latents is 8 x the input width, fewer when the rows are few; the batch size and the number of training rows
-follow the number of rows).
+rows given (--latents is 8 x the input width, fewer when rows are few; the batch size and the
+number of training rows follow the number of rows).
 """
 
 

@@ -72,6 +72,8 @@ def add_field_flag(parser, f: dataclasses.Field, help_text: str, *, flag: str | 
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif t.startswith("tuple[int, ...]"):
         parser.add_argument(flag, type=int, nargs="*", metavar="N", **kw)
+    elif t.startswith("tuple[float, ...]"):
+        parser.add_argument(flag, type=float, nargs="*", metavar="X", **kw)
     elif t.startswith("tuple[int, int]"):
         parser.add_argument(flag, type=int, nargs=2, metavar=("H", "W"), **kw)
     elif t.startswith("int"):

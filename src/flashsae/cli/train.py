@@ -16,8 +16,12 @@ EPILOG = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", nargs="?", default=None,
-                   help="file, shard directory, or built-in name: digits (default) or synthetic")
+    p.add_argument("data", nargs="*", default=None,
+                   help="file, shard directory, or built-in name: digits (default) or synthetic; several "
+                        "paths are read side by side as layers (crosscoders, cross-layer transcoders)")
+    p.add_argument("--target", nargs="+", default=argparse.SUPPRESS, metavar="PATH",
+                   help="what a transcoder reconstructs: a file or shard directory with the same rows as "
+                        "DATA (one per layer for a cross-layer transcoder)")
     p.add_argument("--out", required=True, help="run directory to write (built in OUT.partial, then renamed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT.partial")
@@ -57,7 +61,7 @@ def add_option_flags(p: argparse.ArgumentParser, wrap=lambda group: group) -> No
     from flashsae.config import DataConfig, TrainConfig
 
     add_model_flags(p, wrap)
-    add_dataclass_flags(wrap(p.add_argument_group("data")), DataConfig, skip={"data"})
+    add_dataclass_flags(wrap(p.add_argument_group("data")), DataConfig, skip={"data", "target"})
     add_dataclass_flags(wrap(p.add_argument_group("training")), TrainConfig)
 
 
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     skip = {"data", "out", "overwrite", "resume", "quiet", "json", "tensorboard", "wandb", "dist_timeout", "command",
             "subcommand", "stop_after_steps"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
-    _, result = train(args.data, out=args.out, overwrite=args.overwrite, resume=args.resume,
+    data = args.data[0] if len(args.data or []) == 1 else (args.data or None)
+    _, result = train(data, out=args.out, overwrite=args.overwrite, resume=args.resume,
                       quiet=args.quiet or args.json, tensorboard=args.tensorboard, wandb=args.wandb,
                       dist_timeout=args.dist_timeout, stop_after_steps=args.stop_after_steps, **options)
     if not distributed.is_main():

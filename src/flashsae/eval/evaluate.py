@@ -21,7 +21,7 @@ def evaluate(model, source, row_ids: np.ndarray | None = None, *, targets=None, 
     was_training = model.training
     model.eval()
     device = model.W_dec.device
-    stats = RunningMetrics(model.d_in, model.d_sae, device)
+    stats = RunningMetrics(model.d_out, model.d_sae, device)
     chunks = iter_chunks(source, row_ids, chunk_rows=chunk_rows)
     if progress:
         from tqdm.auto import tqdm

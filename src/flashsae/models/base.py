@@ -1,7 +1,8 @@
 """Shared SAE machinery: parameters, optional deep encoder/decoder, decoder constraint, public encode/decode.
 
 Weights have one layout everywhere: W_enc (d_sae, d_in) and W_dec (d_sae, d_in), so latent j owns
-the contiguous rows W_enc[j] and W_dec[j] (its dictionary atom); b_enc (d_sae), b_dec (d_in).
+the contiguous rows W_enc[j] and W_dec[j] (its dictionary atom); b_enc (d_sae), b_dec (d_in). A model
+that reconstructs another stream than it reads (a transcoder) has W_dec (d_sae, d_out) and b_dec (d_out).
 With hidden layers, d_in above is the width next to the code layer and the input/output layers
 live in `enc_layers` / `dec_layers`. Imports only config-level modules and kernels.
 """
@@ -29,6 +30,10 @@ class ModelConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
 
+    d_out: int | None = None
+    """Width of the reconstructed stream when it is not the input (a transcoder's output), set from
+    the data; None: d_in."""
+
     encoder_hidden: tuple[int, ...] = ()
     """Widths of ReLU hidden layers before the code layer (deep encoder); empty for one layer."""
 
@@ -41,8 +46,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_hidden", tuple(int(h) for h in self.encoder_hidden))
         object.__setattr__(self, "decoder_hidden", tuple(int(h) for h in self.decoder_hidden))
-        for name in ("d_in", "d_sae"):
-            if getattr(self, name) < 1:
+        for name in ("d_in", "d_sae", "d_out"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for h in self.encoder_hidden + self.decoder_hidden:
             if h < 1:
@@ -72,6 +77,9 @@ class ForwardOutput(NamedTuple):
     codes: Codes            # dense (batch, d_sae) or SparseCodes
     penalty: Tensor         # weighted sparsity term, scalar; zero for top-k models
     aux: Tensor | None = None       # AuxK reconstruction of the residual (batch, d_in), or None
+    # Further reconstructions of the target, each adding its mean squared error to the loss
+    # (Matryoshka's smaller prefixes, the Gated SAE's path through the frozen decoder).
+    extra: tuple[Tensor, ...] = ()
 
 
 class SparseAutoencoder(nn.Module):
@@ -80,6 +88,7 @@ class SparseAutoencoder(nn.Module):
     architecture = "base"
     config_cls: type[ModelConfig] = ModelConfig
     k_limited = False     # at most k latents fire per row (top-k family)
+    supports_hidden = True  # takes encoder_hidden / decoder_hidden (refused in its config otherwise)
     # The named streams of a batch the model reads (`inputs`) and reconstructs (`targets`): an SAE
     # reads and reconstructs x; a model that maps one activation to another reads x and writes y.
     inputs: tuple[str, ...] = ("x",)
@@ -90,16 +99,17 @@ class SparseAutoencoder(nn.Module):
     saelens_architecture: str | None = None
     saelens_imports = False
     saelens_tensors: tuple[str, ...] = ()  # tensors beyond W_enc, b_enc, W_dec, b_dec in its files
+    saelens_replaces: tuple[str, ...] = ()  # b_enc and/or b_dec when its files name them otherwise
 
     def __init__(self, cfg: ModelConfig, standardizer: Standardizer | None = None):
         super().__init__()
         self.cfg = cfg
         self.standardizer = standardizer if standardizer is not None else Standardizer(cfg.d_in, "none")
         # A model that reconstructs another stream than it reads keeps that stream's standardisation too.
-        self.target_standardizer = Standardizer(cfg.d_in, self.standardizer.mode) \
-            if self.targets[0] != self.inputs[0] else None
+        self.target_standardizer = Standardizer(self.d_out, self.standardizer.mode) \
+            if not self.is_sae else None
         enc_dims = (cfg.d_in, *cfg.encoder_hidden)
-        dec_dims = (*cfg.decoder_hidden, cfg.d_in)
+        dec_dims = (*cfg.decoder_hidden, self.d_out)
         self.enc_layers = nn.ParameterList()
         for fan_in, fan_out in zip(enc_dims[:-1], enc_dims[1:]):
             self.enc_layers.append(nn.Parameter(_kaiming(fan_out, fan_in)))
@@ -116,9 +126,10 @@ class SparseAutoencoder(nn.Module):
         # active latents about half of them fire at first and each adds ~x/(2 d_in): scale the encoder by
         # 2 d_in / d_sae so that the first reconstructions have the data's scale instead of d_sae/(2 d_in) times it.
         scale = 1.0 if self.k_limited else min(1.0, 2 * code_out / cfg.d_sae)
-        self.W_enc = nn.Parameter(W_dec.clone() * scale if code_in == code_out else _kaiming(cfg.d_sae, code_in))
+        tied = code_in == code_out and self.is_sae
+        self.W_enc = nn.Parameter(W_dec.clone() * scale if tied else _kaiming(cfg.d_sae, code_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
 
     # ---- shape helpers -------------------------------------------------------------------
     @property
@@ -128,6 +139,16 @@ class SparseAutoencoder(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction: d_in for an SAE, the target stream's for a transcoder."""
+        return self.cfg.d_out or self.cfg.d_in
+
+    @property
+    def is_sae(self) -> bool:
+        """Whether the model reconstructs the stream it reads."""
+        return self.targets[0] == self.inputs[0]
 
     @property
     def out_standardizer(self) -> Standardizer:
@@ -140,8 +161,9 @@ class SparseAutoencoder(nn.Module):
 
     # ---- building blocks (standardised space) ---------------------------------------------
     def encoder_trunk(self, x: Tensor) -> Tensor:
-        """x - b_dec through the hidden encoder layers: (batch, width next to the code layer)."""
-        h = x - self.b_dec
+        """x - b_dec (x alone when b_dec is another stream's bias) through the hidden encoder layers:
+        (batch, width next to the code layer)."""
+        h = x - self.b_dec if self.is_sae else x
         for i in range(0, len(self.enc_layers), 2):
             h = torch.relu(nn.functional.linear(h, self.enc_layers[i], self.enc_layers[i + 1]))
         return h

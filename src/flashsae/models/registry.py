@@ -80,14 +80,14 @@ def names() -> list[str]:
 def options() -> dict[str, dict[str, object]]:
     """Every model option of every architecture: option name -> {architecture: its default}.
 
-    Options are the fields of the config classes except `d_in`, which comes from the data; in
+    Options are the fields of the config classes except `d_in` and `d_out`, which come from the data; in
     order of first appearance (the shared `ModelConfig` fields first). A field without a default
     maps to `dataclasses.MISSING`.
     """
     out: dict[str, dict[str, object]] = {}
     for name in names():
         for f in dataclasses.fields(_REGISTRY[name].config_cls):
-            if f.name == "d_in":
+            if f.name in ("d_in", "d_out"):
                 continue
             default = f.default
             if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:

@@ -194,7 +194,7 @@ def _train_pass(data, members: list[_Member], *, show: bool, verbose: bool, over
     runs: list[TrainingRun] = []
     try:
         for spec in specs:  # fail on a bad model option before any model is built
-            spec.model_config(dpass.d_in, len(dpass.train_ids))
+            dpass.model_config(spec)
         for m in members:
             if m.saved is not None:
                 checkpoint.check_same_data(m.saved, dpass.source, dpass.fingerprint, io.partial_dir(Path(m.out)))

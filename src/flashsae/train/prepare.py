@@ -25,10 +25,11 @@ from flashsae import distributed
 from flashsae.data import open_source, split_rows
 from flashsae.data.batching import DeviceBatches, NamedBatches, RowBatches
 from flashsae.data.device import to_device
+from flashsae.data.layers import LayerSource
 from flashsae.errors import ConfigError, DataError
 from flashsae.preprocess import Scan, Standardizer, require_finite, scan
 from flashsae.train import checkpoint
-from flashsae.train.spec import RunSpec
+from flashsae.train.spec import RunSpec, model_fields
 
 EVAL_ROWS = 4096
 """Held-out rows of the evaluations during training (the final evaluation reads every held-out row)."""
@@ -154,12 +155,19 @@ def open_data(data, spec: RunSpec, *, comm: distributed.Comm, resume: bool, show
     dc = spec.data
     given = data if data is not None and not isinstance(data, (str, Path)) else dc.data
     named = dict(given) if isinstance(given, Mapping) else {"x": given}
+    if dc.target is not None:
+        if "y" in named:
+            raise ConfigError("give the target either as stream 'y' of the data or as target, not both")
+        named["y"] = dc.target
     if "x" not in named:
         raise DataError(f"named streams must include 'x'; got {', '.join(map(str, named))}")
     streams, tensors = {}, {}
     for name, value in named.items():
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             tensors[name] = value
+        if isinstance(value, (list, tuple)):  # layers read side by side
+            streams[name] = LayerSource([open_source(v, key=dc.key) for v in value])
+            continue
         is_synthetic = isinstance(value, str) and value == "synthetic"
         streams[name] = open_source(value, key=dc.key, image_shape=dc.image_shape if name == "x" else None,
                                     synthetic=dc.synthetic_params() if is_synthetic else None)
@@ -233,6 +241,22 @@ class DataPass:
     def source(self):
         """The rows of stream x: statistics, evaluation, pictures."""
         return self.data.streams["x"]
+
+    def model_config(self, spec: RunSpec):
+        """`spec`'s model config for this data: its width, training rows and target stream."""
+        from flashsae import models
+
+        cls = models.get(spec.architecture)
+        missing = [n for n in (*cls.inputs, *cls.targets) if n not in self.data.streams]
+        if missing:
+            raise DataError(f"architecture {spec.architecture!r} reads stream{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}, which the data lacks: pass named arrays "
+                            f"({{'x': ..., '{missing[0]}': ...}}) or, on the command line, --target")
+        if "layers" in model_fields(spec.architecture) and spec.model_options.get("layers") is None:
+            parts = getattr(self.source, "parts", [self.source])  # one per path given
+            spec = dataclasses.replace(spec, model_options={**spec.model_options, "layers": len(parts)})
+        return spec.model_config(self.data.streams[cls.inputs[0]].d_in, len(self.train_ids),
+                                 self.data.streams[cls.targets[0]].d_in)
 
     def target_of(self, model):
         """The Source of the stream `model` reconstructs, when it is not x (None for an SAE)."""
@@ -344,7 +368,7 @@ def plan_threads(specs: list[RunSpec], dpass: DataPass, workers: int | None) -> 
     Not side by side when a spec sets `threads`, `workers` is 1, the pass has one model or the
     machine one core. A model on one thread is bit-identical to `train(..., threads=1)`.
     """
-    macs = [dpass.batch_size * dpass.d_in * s.model_config(dpass.d_in, len(dpass.train_ids)).d_sae for s in specs]
+    macs = [dpass.batch_size * dpass.d_in * dpass.model_config(s).d_sae for s in specs]
     side_by_side = (dpass.device.type == "cpu" and len(specs) > 1 and cores() > 1 and workers != 1
                     and all(s.train.threads is None for s in specs) and max(macs) < SIDE_BY_SIDE_MACS)
     if side_by_side:

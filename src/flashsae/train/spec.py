@@ -80,7 +80,11 @@ class RunSpec:
             stream = StreamConfig(**stream_opts)
             opts["data"] = f"{stream.model}:{stream.hook}"
         elif data is not None:
-            opts["data"] = str(data) if isinstance(data, (str, Path)) else opts.get("data", "<array>")
+            opts["data"] = str(data) if isinstance(data, (str, Path)) \
+                else [str(p) for p in data] if _paths(data) else opts.get("data", "<array>")
+        target = opts.get("target")
+        if target is not None and not isinstance(target, (str, Path)) and not _paths(target):
+            raise ConfigError("target takes a path (or one per layer); pass arrays as {'x': X, 'y': Y}")
         groups: dict[str, dict] = {"data": {}, "train": {}, "model": {}}
         own = model_fields(architecture)
         for key, value in opts.items():
@@ -88,7 +92,7 @@ class RunSpec:
                 groups["data"][key] = value
             elif key in TRAIN_FIELDS:
                 groups["train"][key] = value
-            elif key in own and key != "d_in":
+            elif key in own and key not in ("d_in", "d_out"):
                 groups["model"][key] = value
             elif _appliers(key):
                 raise ConfigError(f"option {key!r} applies to {', '.join(_appliers(key))}, "
@@ -105,7 +109,7 @@ class RunSpec:
             ConfigError: an option differs from the saved run (other than `RESUME_MAY_CHANGE`).
         """
         given = cls.from_options(data, options)
-        model = {k: v for k, v in saved["model"].items() if k != "d_in"}
+        model = {k: v for k, v in saved["model"].items() if k not in ("d_in", "d_out")}
         base = cls.from_options(None, {**saved["data"], **saved["train"], **model,
                                        "architecture": saved["architecture"]})
         explicit = canonical(options)
@@ -127,11 +131,14 @@ class RunSpec:
             return dataclasses.replace(base, train=train)
         return dataclasses.replace(base, train=train, data=dataclasses.replace(base.data, data=given.data.data))
 
-    def model_config(self, d_in: int, n_train: int | None = None):
-        """The architecture's config for `d_in` input columns and `n_train` training rows (for the
-        default number of latents, `default_latents`)."""
+    def model_config(self, d_in: int, n_train: int | None = None, d_out: int | None = None):
+        """The architecture's config for `d_in` input columns, `n_train` training rows (for the
+        default number of latents, `default_latents`) and, for a model that reconstructs another
+        stream than it reads, that stream's width `d_out`."""
         cls = models.get(self.architecture).config_cls
         opts = {"d_in": d_in, **self.model_options}
+        if d_out is not None and d_out != d_in:
+            opts["d_out"] = d_out
         if opts.get("d_sae") is None:
             opts["d_sae"] = default_latents(d_in, n_train)
         try:
@@ -158,6 +165,11 @@ def default_latents(d_in: int, n_train: int | None = None) -> int:
         per_rows = 1 << max(0, (n_train // 8).bit_length() - 1)
         latents = min(latents, max(d_in, per_rows))
     return latents
+
+
+def _paths(value) -> bool:
+    """Whether `value` is a list or tuple of paths (the layers of one row)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (str, Path)) for v in value)
 
 
 def _plain(v):

@@ -107,6 +107,8 @@ class Trainer:
         diff = x_hat - target
         mse = _SumOfSquares.apply(diff) / x.shape[0]  # mean over rows of ||x_hat - target||^2
         loss = mse + sparsity_factor(self.step_idx, self.total_steps, self.cfg) * out.penalty.float()
+        for extra in out.extra:
+            loss = loss + _SumOfSquares.apply(extra.float() - target) / x.shape[0]
         aux_loss = mse.new_zeros(())
         if out.aux is not None:
             # AuxK: dead latents reconstruct the residual target - x_hat = -diff, normalised by its variance

@@ -95,7 +95,7 @@ class TrainingRun:
         comm = dpass.comm
         cfg = spec.train
         torch.set_num_threads(threads)
-        model_cfg = spec.model_config(dpass.d_in, len(dpass.train_ids))
+        model_cfg = dpass.model_config(spec)
         torch.manual_seed(cfg.seed)
         cls = models.get(spec.architecture)
         if cfg.tensor_parallel != comm.tensor.size:
@@ -116,7 +116,7 @@ class TrainingRun:
         resolved = {"batch_size": dpass.batch_size, "total_steps": self.total_steps, "lr": self.trainer.base_lr,
                     "dtype": self.trainer.dtype, "dead_after_rows": dead_after, "device": str(dpass.device),
                     "world_size": comm.world_size * comm.tensor.size, "threads": threads,
-                     "rows_on_device": dpass.rows_go_to_device(),
+                    "rows_on_device": dpass.rows_go_to_device(),
                     **kernels.describe(dpass.device)}
         self.config = io.run_config(spec.architecture, model_cfg, train=cfg, data=spec.data,
                                     preprocess={"mode": spec.data.standardize}, data_stats=dpass.data_stats(),

@@ -1,0 +1,85 @@
+"""Transcoders (Dunefsky et al., 2024) and skip transcoders (Paulo et al., 2025).
+
+A transcoder reads one activation (a module's input, stream `x`) and reconstructs another (the
+same module's output, stream `y`) through a sparse code: it replaces the module by a dictionary of
+features whose decoder atoms are the module's output directions. A skip transcoder adds a linear
+path W_skip x, so the sparse code only carries what a linear map cannot. Every sparsity mechanism
+of the plain SAEs works here; each is registered as its own architecture:
+
+  transcoder            TopK (the sparse fast path)
+  batchtopk-transcoder  BatchTopK, a learned threshold at inference
+  jumprelu-transcoder   JumpReLU with an L0 penalty
+  relu-l1-transcoder    ReLU with an L1 penalty
+
+The encoder reads standardised x directly (b_dec is y's bias, not x's centre) and the decoder
+writes standardised y; both standardisations are saved with the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flashsae.models.base import ForwardOutput, SparseAutoencoder
+from flashsae.models.jumprelu import JumpReLUSAE
+from flashsae.models.registry import register
+from flashsae.models.relu_l1 import ReluL1SAE
+from flashsae.models.topk import BatchTopKSAE, TopKSAE
+
+
+@dataclass(frozen=True, kw_only=True)
+class TranscoderOptions:
+    skip: bool = False
+    """Add a linear skip path W_skip x to the output (a skip transcoder, Paulo et al., 2025)."""
+
+
+class Transcoder:
+    """Mixin on an SAE class: reads stream x, reconstructs stream y, with an optional skip path."""
+
+    inputs = ("x",)
+    targets = ("y",)
+    saelens_architecture = None  # SAELens's transcoder layout is written by interop, not this class
+    saelens_imports = False
+
+    def __init__(self, cfg, standardizer=None):
+        super().__init__(cfg, standardizer)
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, cfg.d_in))
+
+    def skip_path(self, x: Tensor) -> Tensor | None:
+        """W_skip x of standardised input, or None without the skip path."""
+        return nn.functional.linear(x, self.W_skip) if self.cfg.skip else None
+
+    def forward(self, x: Tensor, *, aux_mask=None) -> ForwardOutput:
+        out = super().forward(x, aux_mask=aux_mask)
+        skip = self.skip_path(x)
+        if skip is None:
+            return out
+        return out._replace(x_hat=out.x_hat + skip, extra=tuple(e + skip for e in out.extra))
+
+    @torch.no_grad()
+    def reconstruct(self, x) -> Tensor:
+        """The transcoder's output for raw rows of x, in y's units (the skip path included)."""
+        x_std = self.standardizer(self._as_input(x))
+        y_std = self.decode_dense(self.encode_std(x_std))
+        skip = self.skip_path(x_std)
+        return self.out_standardizer.inverse(y_std if skip is None else y_std + skip)
+
+
+def _transcoder(name: str, base: type[SparseAutoencoder], mechanism: str) -> type[SparseAutoencoder]:
+    cfg_cls = dataclasses.dataclass(frozen=True, kw_only=True)(
+        type(f"{base.config_cls.__name__.removesuffix('Config')}TranscoderConfig",
+             (TranscoderOptions, base.config_cls), {"__module__": __name__}))
+    doc = (f"Reads a module's input x and reconstructs its output y through {mechanism} codes "
+           "(Dunefsky et al., 2024); --skip adds a linear path W_skip x (Paulo et al., 2025).")
+    cls = type(f"{base.__name__.removesuffix('SAE')}Transcoder", (Transcoder, base),
+               {"config_cls": cfg_cls, "__doc__": doc, "__module__": __name__})
+    return register(name)(cls)
+
+
+TopKTranscoder = _transcoder("transcoder", TopKSAE, "TopK")
+BatchTopKTranscoder = _transcoder("batchtopk-transcoder", BatchTopKSAE, "BatchTopK")
+JumpReLUTranscoder = _transcoder("jumprelu-transcoder", JumpReLUSAE, "JumpReLU")
+ReluL1Transcoder = _transcoder("relu-l1-transcoder", ReluL1SAE, "ReLU + L1")
