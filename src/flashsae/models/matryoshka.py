@@ -24,7 +24,7 @@ from flashsae.errors import ConfigError
 from flashsae.kernels import cpu_topk
 from flashsae.models.base import ForwardOutput, SparseAutoencoder, SparseCodes
 from flashsae.models.registry import register
-from flashsae.models.topk import BatchTopKConfig, add_threshold, dense_aux, follow_threshold
+from flashsae.models.topk import BatchTopKConfig, Thresholded, dense_aux, follow_threshold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,22 +69,13 @@ class MatryoshkaConfig(BatchTopKConfig):
 
 
 @register("matryoshka")
-class MatryoshkaSAE(SparseAutoencoder):
+class MatryoshkaSAE(Thresholded, SparseAutoencoder):
     """Nested BatchTopK dictionaries (Bussmann et al., 2025): every prefix of the latents
     reconstructs the input, so general features stay whole in the first latents instead of being
     absorbed by specific ones; a learned threshold at inference."""
 
     config_cls = MatryoshkaConfig
     k_limited = True
-    saelens_architecture = "jumprelu"
-    saelens_tensors = ("threshold",)
-
-    def __init__(self, cfg, standardizer=None):
-        super().__init__(cfg, standardizer)
-        add_threshold(self)
-
-    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
-        return {}, {"threshold": self.threshold.detach().float().cpu().expand(self.d_sae).clone()}
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | kernels.DeadLatents | None = None) -> ForwardOutput:
         cfg = self.cfg

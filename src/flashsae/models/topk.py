@@ -88,6 +88,21 @@ def follow_threshold(model: torch.nn.Module, kept: Tensor, momentum: float) -> N
     model.threshold.copy_(raw / w)
 
 
+class Thresholded:
+    """Mixin of the batch-level top-k models: a learned global threshold for inference, which is
+    how SAELens saves them (JumpReLU with that threshold on every latent)."""
+
+    saelens_architecture = "jumprelu"
+    saelens_tensors = ("threshold",)
+
+    def __init__(self, cfg, standardizer=None):
+        super().__init__(cfg, standardizer)
+        add_threshold(self)
+
+    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
+        return {}, {"threshold": self.threshold.detach().float().cpu().expand(self.d_sae).clone()}
+
+
 @register("topk")
 class TopKSAE(SparseAutoencoder):
     """Keep the k largest ReLU pre-activations of each row (Gao et al., 2024), so L0 is exactly k;
@@ -134,23 +149,13 @@ class TopKSAE(SparseAutoencoder):
 
 
 @register("batchtopk")
-class BatchTopKSAE(SparseAutoencoder):
+class BatchTopKSAE(Thresholded, SparseAutoencoder):
     """Keep the k * batch largest activations over the whole batch (Bussmann et al., 2024): L0 is k
     on average, more for rich rows and fewer for plain ones; inference uses a learned global threshold."""
 
     config_cls = BatchTopKConfig
     k_limited = True
     latent_sharding = "batchtopk"  # shards' k * batch largest merged (models.sharded)
-    # SAELens saves BatchTopK SAEs for inference as JumpReLU, with the global threshold on every latent.
-    saelens_architecture = "jumprelu"
-    saelens_tensors = ("threshold",)
-
-    def __init__(self, cfg, standardizer=None):
-        super().__init__(cfg, standardizer)
-        add_threshold(self)
-
-    def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
-        return {}, {"threshold": self.threshold.detach().float().cpu().expand(self.d_sae).clone()}
 
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         cfg = self.cfg
