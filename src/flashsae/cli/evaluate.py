@@ -42,6 +42,8 @@ def add_downstream_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="model directory or cached name (default: the one the run's "
                    "activations came from, when recorded)")
     g.add_argument("--hook", default=None, help="module name as in model.named_modules() (default: as recorded)")
+    g.add_argument("--target-hook", default=None,
+                   help="for a transcoder: the module whose output it replaces (default: as recorded)")
     g.add_argument("--text", default=None, help="corpus to evaluate on: .txt, .jsonl, .parquet, a folder or a "
                    "saved datasets directory")
     g.add_argument("--positions", type=int, default=None, metavar="N",
@@ -150,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         from flashsae.lm.downstream import evaluate_downstream
 
         metrics["downstream"] = evaluate_downstream(
-            model, text=args.text, model=args.model, hook=args.hook, rows=positions, context=args.context,
+            model, text=args.text, model=args.model, hook=args.hook, target_hook=args.target_hook,
+            rows=positions, context=args.context,
             batch=args.lm_batch, skip_contexts=args.skip_contexts, device=args.device, run_dir=args.run_dir,
             progress=show)
     out = Path(args.out) if args.out else Path(args.run_dir) / "evaluation.json"

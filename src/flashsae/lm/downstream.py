@@ -30,9 +30,10 @@ from flashsae.lm.corpus import iter_contexts
 
 @torch.no_grad()
 def reconstruct(sae, x: Tensor) -> Tensor:
-    """The SAE's reconstruction of raw activation rows x (rows, d_in), in x's units and dtype."""
+    """The model's output for raw activation rows x (rows, d_in), in x's dtype: the SAE's
+    reconstruction of x, or a transcoder's estimate of its target."""
     x32 = x.float()
-    x_hat = sae.standardizer.inverse(sae(sae.standardizer(x32)).x_hat)
+    x_hat = sae.out_standardizer.inverse(sae(sae.standardizer(x32)).x_hat)  # in the target's units
     return x_hat.to(x.dtype)
 
 
@@ -60,6 +61,23 @@ def splice(module, state: dict):
         handle.remove()
 
 
+@contextlib.contextmanager
+def _read(module, into: dict):
+    """While active, into["x"] is `module`'s latest output (nothing when module is None)."""
+    if module is None:
+        yield into
+        return
+
+    def hook(mod, inputs, output):
+        into["x"] = A.module_output(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield into
+    finally:
+        handle.remove()
+
+
 def is_causal_lm(model) -> bool:
     return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
@@ -67,7 +85,7 @@ def is_causal_lm(model) -> bool:
 @torch.no_grad()
 def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 4096, context: int = 128,
                        batch: int = 8, keep_special: bool = False, start_context: int = 0,
-                       progress: bool = False) -> dict:
+                       target_hook: str | None = None, progress: bool = False) -> dict:
     """Metrics of splicing `sae` into `model` at `hook` over about `rows` token positions of `text`.
 
     Args:
@@ -77,11 +95,14 @@ def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 40
         text: corpus path; contexts are cut as in `flashsae harvest`.
         rows: token positions to evaluate (rounded up to whole contexts).
         start_context: skip this many contexts first (e.g. those a harvest trained on).
+        target_hook: for a transcoder, the module whose output it replaces (it reads `hook`'s
+            output); the metrics of the hook are then those of this module's output.
 
     Raises:
         DataError: the SAE's width does not match the module, or the corpus has no contexts left.
     """
     module = A.find_module(model, hook)
+    spliced_module = A.find_module(model, target_hook) if target_hook else module
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
     specials = torch.as_tensor(A.special_ids(tokenizer), dtype=torch.long, device=device)
@@ -91,18 +112,24 @@ def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 40
     state: dict = {}
     from tqdm.auto import tqdm
 
-    with splice(module, state), tqdm(total=n_contexts, unit="contexts", desc="downstream",
-                                     disable=not progress) as bar:
+    reads: dict = {}  # a transcoder's input, read from `hook` in every pass (upstream of the splice)
+    with splice(spliced_module, state), _read(module if target_hook else None, reads), \
+            tqdm(total=n_contexts, unit="contexts", desc="downstream", disable=not progress) as bar:
         for ids in _batches(text, tokenizer, context, start_context, n_contexts, batch):
             ids = torch.from_numpy(ids).to(device)
             state["mask"] = torch.ones_like(ids, dtype=torch.bool) if keep_special else ~torch.isin(ids, specials)
             state["fn"] = None
             clean = _outputs(model, ids, causal)
-            x = state.pop("clean")[state["mask"]]
-            if x.shape[-1] != sae.d_in:
-                raise DataError(f"module {hook!r} outputs width {x.shape[-1]} but the SAE expects {sae.d_in}")
-            acc.add_hook(x, reconstruct(sae, x), sae.encode(x.float()))
-            state["fn"] = lambda h: reconstruct(sae, h)
+            y = state.pop("clean")[state["mask"]]
+            x = reads["x"][state["mask"]] if target_hook else y
+            if x.shape[-1] != sae.d_in or y.shape[-1] != sae.d_out:
+                where = f"{hook!r} and {target_hook!r} output widths {x.shape[-1]} and {y.shape[-1]}" \
+                    if target_hook else f"{hook!r} outputs width {x.shape[-1]}"
+                raise DataError(f"module {where} but the model expects {sae.d_in}"
+                                + (f" and {sae.d_out}" if target_hook else ""))
+            acc.add_hook(y, reconstruct(sae, x), sae.encode(x.float()))
+            state["fn"] = (lambda h: reconstruct(sae, reads["x"][state["mask"]])) if target_hook \
+                else (lambda h: reconstruct(sae, h))
             spliced = _outputs(model, ids, causal)
             state["fn"] = torch.zeros_like
             zeroed = _outputs(model, ids, causal)
@@ -123,7 +150,8 @@ _PROVENANCE = ("model", "hook", "context", "keep_special", "text", "next_context
 
 
 def provenance(run_config: dict, run_dir: str | os.PathLike | None = None) -> dict:
-    """Where a run's activations came from: model, hook, context, keep_special, text, next_context.
+    """Where a run's activations came from: model, hook, context, keep_special, text, next_context
+    (and target_hook, the module a transcoder's target came from, when recorded).
 
     In order: what the run recorded of its harvest (config.json's data_stats.provenance, absolute
     paths), what it recorded of a capture on the fly (data_stats.activations), else the manifest
@@ -132,9 +160,11 @@ def provenance(run_config: dict, run_dir: str | os.PathLike | None = None) -> di
     only a harvest with the run's rows and width. {} when unknown.
     """
     stats = run_config.get("data_stats") or {}
+    target = stats.get("target_provenance")
+    extra = {"target_hook": target.get("hook")} if isinstance(target, dict) and target.get("hook") else {}
     for recorded in (stats.get("provenance"), stats.get("activations")):
         if isinstance(recorded, dict) and recorded.get("model") and recorded.get("hook"):
-            return {k: recorded.get(k) for k in _PROVENANCE}
+            return {**{k: recorded.get(k) for k in _PROVENANCE}, **extra}
     acts = _harvest_dir(run_config, run_dir)
     if acts is None:
         return {}
@@ -165,7 +195,7 @@ def _harvest_dir(run_config: dict, run_dir) -> Path | None:
 def evaluate_downstream(sae, *, text, model: str | None = None, hook: str | None = None, rows: int = 4096,
                         context: int | None = None, batch: int = 8, skip_contexts: int | None = None,
                         device: str = "auto", run_dir: str | os.PathLike | None = None,
-                        progress: bool = False) -> dict:
+                        target_hook: str | None = None, progress: bool = False) -> dict:
     """`downstream_metrics` with defaults from the run's provenance (see `provenance`).
 
     `run_dir`, the directory the run was loaded from, helps find the harvest of a run that did not
@@ -182,6 +212,13 @@ def evaluate_downstream(sae, *, text, model: str | None = None, hook: str | None
     if not model or not hook:
         raise ConfigError("--model and --hook are needed: the run does not record which model and module "
                           "its activations came from")
+    if not sae.is_sae:
+        target_hook = target_hook or prov.get("target_hook")
+        if not target_hook:
+            raise ConfigError("--target-hook is needed: the run does not record which module's output "
+                              "the transcoder replaces")
+    elif target_hook:
+        raise ConfigError("--target-hook is for transcoders; this model reconstructs its own input")
     context = context or prov.get("context") or 128
     if skip_contexts is None:
         same_text = prov.get("text") and Path(prov["text"]).resolve() == Path(text).resolve()
@@ -189,8 +226,9 @@ def evaluate_downstream(sae, *, text, model: str | None = None, hook: str | None
     lm, tokenizer = A.load_lm(model, device=A.device_of(device))
     metrics = downstream_metrics(sae, lm, tokenizer, hook, text, rows=rows, context=context, batch=batch,
                                  keep_special=bool(prov.get("keep_special")), start_context=skip_contexts,
-                                 progress=progress)
-    return {"model": str(model), "hook": hook, "text": str(text), "context": context,
+                                 target_hook=target_hook, progress=progress)
+    return {"model": str(model), "hook": hook, **({"target_hook": target_hook} if target_hook else {}),
+            "text": str(text), "context": context,
             "start_context": skip_contexts, **metrics}
 
 

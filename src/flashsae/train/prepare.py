@@ -297,6 +297,9 @@ class DataPass:
                "mean_abs_mean": float(np.abs(stats.mean).mean()), "mean_var": float(stats.var.mean()),
                "fingerprint": self.fingerprint}
         out["provenance"] = src.provenance  # a harvest's model, hook and corpus (absolute paths), else None
+        target = self.data.streams.get("y")
+        if target is not None:
+            out["target_provenance"] = target.provenance  # the harvest a transcoder reconstructs
         if len(self.data.streams) > 1:
             out["streams"] = {n: {"source": s.name, "d": s.d_in} for n, s in self.data.streams.items()}
         return {**out, **(self.data.describe() or {})}
