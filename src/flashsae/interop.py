@@ -3,8 +3,11 @@
 SAELens (6.x) directory: `cfg.json` (d_in, d_sae, dtype, device, apply_b_dec_to_input,
 normalize_activations, reshape_activations, metadata, architecture standard/topk/jumprelu, k for
 topk) and `sae_weights.safetensors` with W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in),
-b_dec (d_in) and threshold (d_sae) for jumprelu. Each architecture's class says what it exports
-as and what it reads back (`saelens_architecture`, `saelens_extras`, `saelens_options`,
+b_dec (d_in) and threshold (d_sae) for jumprelu. Transcoders (architecture transcoder,
+skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder) add d_out, have W_dec (d_sae, d_out),
+b_dec (d_out), W_skip (d_out, d_in) with a skip path, and apply_b_dec_to_input false; SAELens then
+computes y = act(x W_enc + b_enc) W_dec + b_dec (+ x W_skip^T). Each architecture's class says what it
+exports as and what it reads back (`saelens_name`, `saelens_extras`, `saelens_options`,
 `saelens_tensors`, see flashsae.models.base): this module has no per-architecture code.
 sparsify directory: `cfg.json` (activation topk/groupmax, k, num_latents or expansion_factor, d_in,
 normalize_decoder, skip_connection, transcode) and `sae.safetensors` with encoder.weight
@@ -35,49 +38,66 @@ SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >=
 
 @torch.no_grad()
 def raw_weights(model) -> dict[str, Tensor]:
-    """W_enc (d_sae, d_in), b_enc, W_dec, b_dec acting on raw (unstandardised) rows, float32.
+    """W_enc (d_sae, d_in), b_enc, W_dec (d_sae, d_out), b_dec (d_out) (and W_skip (d_out, d_in) with a
+    skip path) acting on raw (unstandardised) rows, float32.
 
-    With x_std = (x - mean) / scale: pre = W_enc (x_std - b_dec) + b_enc = (W_enc / scale)(x - b_dec')
-    + b_enc and x_hat = (codes W_dec + b_dec) * scale + mean = codes (W_dec * scale) + b_dec', where
-    b_dec' = b_dec * scale + mean.
+    With x_std = (x - mean) / scale and y = y_std * out_scale + out_mean (out_* are x's own for an SAE):
+    - an SAE encodes pre = W_enc (x_std - b_dec) + b_enc = (W_enc / scale)(x - b_dec') + b_enc, where
+      b_dec' = b_dec * scale + mean, so SAELens's apply_b_dec_to_input form holds with b_dec';
+    - a transcoder encodes pre = W_enc x_std + b_enc = (W_enc / scale) x + (b_enc - (W_enc / scale) mean);
+    - both decode y = codes (W_dec * out_scale) + b_dec * out_scale + out_mean, and a skip path
+      out_scale * W_skip x_std adds W_skip' x - W_skip' mean with W_skip' = out_scale W_skip / scale.
     """
     if model.is_deep:
         raise ConfigError("models with hidden layers (--encoder-hidden/--decoder-hidden) cannot be exported: "
                           "other libraries expect one linear encoder and decoder")
-    std = model.standardizer
-    mean, scale = std.mean.float().cpu(), std.scale.float().cpu()
-    W_enc, b_enc = model.W_enc.float().cpu(), model.b_enc.float().cpu()
-    W_dec, b_dec = model.W_dec.float().cpu(), model.b_dec.float().cpu()
-    if std.mode == "none":
-        return {"W_enc": W_enc.clone(), "b_enc": b_enc.clone(), "W_dec": W_dec.clone(), "b_dec": b_dec.clone()}
-    return {"W_enc": W_enc / scale, "b_enc": b_enc.clone(), "W_dec": W_dec * scale, "b_dec": b_dec * scale + mean}
+    src, dst = model.standardizer, model.out_standardizer
+    mean, scale = src.mean.float().cpu(), src.scale.float().cpu()
+    out_mean, out_scale = dst.mean.float().cpu(), dst.scale.float().cpu()
+    W_enc, b_enc = model.W_enc.float().cpu() / scale, model.b_enc.float().cpu().clone()
+    W_dec, b_dec = model.W_dec.float().cpu() * out_scale, model.b_dec.float().cpu() * out_scale + out_mean
+    w = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if not model.is_sae:
+        w["b_enc"] = b_enc - W_enc @ mean
+    W_skip = getattr(model, "W_skip", None)
+    if W_skip is not None:
+        w["W_skip"] = out_scale[:, None] * W_skip.float().cpu() / scale
+        w["b_dec"] = b_dec - w["W_skip"] @ mean
+    return w
 
 
 def export_saelens(run_dir, out, *, overwrite: bool = False) -> Path:
     """Write the model in `run_dir` as a SAELens directory `out` (cfg.json + sae_weights.safetensors).
 
-    Each architecture says what it exports as (`saelens_architecture`, `saelens_extras()`).
+    Each architecture says what it exports as (`saelens_name()`, `saelens_extras()`). A transcoder
+    (SAELens >= 6: transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder) adds
+    d_out, W_skip (d_out, d_in) with a skip path, and apply_b_dec_to_input false, since b_dec is its
+    output's bias.
 
     Raises:
         ConfigError: the architecture has no SAELens equivalent, or `out` exists.
     """
     model = io.load(run_dir)
     arch = model.architecture
-    if type(model).saelens_architecture is None:
-        exportable = [name for name in models.names() if models.get(name).saelens_architecture is not None]
-        raise ConfigError(f"architecture {arch!r} has no SAELens equivalent; exportable: {', '.join(exportable)}")
+    name = model.saelens_name()
+    if name is None:
+        exportable = [n for n in models.names() if models.get(n).saelens_names()]
+        why = f" ({type(model).saelens_refusal})" if type(model).saelens_refusal else ""
+        raise ConfigError(f"architecture {arch!r}{' with skip' if getattr(model.cfg, 'skip', False) else ''} "
+                          f"has no SAELens equivalent{why}; exportable: {', '.join(exportable)}")
     w = raw_weights(model)
-    tensors = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+    tensors = {"W_enc": w.pop("W_enc").T.contiguous(), **w}
     extra_cfg, extra_tensors = model.saelens_extras()
-    cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+    cfg = {"d_in": model.d_in, "d_sae": model.d_sae, **({} if model.is_sae else {"d_out": model.d_out}),
+           "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": model.is_sae, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
                         "exported_by": f"flashsae {io.library_version()}", "flashsae_architecture": arch,
                         **_hook_metadata(model.run_config)},
-           "architecture": type(model).saelens_architecture, **extra_cfg}
+           "architecture": name, **extra_cfg}
     tensors.update(extra_tensors)
-    for name in type(model).saelens_replaces:  # written under its SAELens name among extra_tensors
-        del tensors[name]
+    for replaced in type(model).saelens_replaces:  # written under its SAELens name among extra_tensors
+        del tensors[replaced]
     return _publish(Path(out), overwrite, {SAELENS_CFG: cfg}, SAELENS_WEIGHTS, tensors)
 
 

@@ -100,6 +100,7 @@ class SparseAutoencoder(nn.Module):
     saelens_imports = False
     saelens_tensors: tuple[str, ...] = ()  # tensors beyond W_enc, b_enc, W_dec, b_dec in its files
     saelens_replaces: tuple[str, ...] = ()  # b_enc and/or b_dec when its files name them otherwise
+    saelens_refusal = ""  # why export refuses, where more can be said than "no SAELens equivalent"
 
     def __init__(self, cfg: ModelConfig, standardizer: Standardizer | None = None):
         super().__init__()
@@ -256,6 +257,15 @@ class SparseAutoencoder(nn.Module):
         return self.W_dec * self.out_standardizer.scale
 
     # ---- SAELens's format (flashsae.interop) ---------------------------------------------------
+    @classmethod
+    def saelens_names(cls) -> tuple[str, ...]:
+        """Every SAELens architecture this class can export as (its options pick one: `saelens_name`)."""
+        return (cls.saelens_architecture,) if cls.saelens_architecture is not None else ()
+
+    def saelens_name(self) -> str | None:
+        """The SAELens architecture this model exports as; None when it has none (export refuses)."""
+        return type(self).saelens_architecture
+
     def saelens_extras(self) -> tuple[dict, dict[str, Tensor]]:
         """cfg.json fields and the `saelens_tensors` of the export, beyond what every export writes.
 

@@ -40,8 +40,20 @@ class Transcoder:
 
     inputs = ("x",)
     targets = ("y",)
-    saelens_architecture = None  # SAELens's transcoder layout is written by interop, not this class
+    saelens_architecture = None  # an SAE architecture: a transcoder exports as one of `saelens_transcoders`
     saelens_imports = False
+    # SAELens's transcoder architecture for this sparsity mechanism (without, with the skip path); None
+    # where SAELens has none. SAELens transcoders encode raw x with ReLU (transcoder, skip_transcoder)
+    # or JumpReLU (jumprelu_transcoder, jumprelu_skip_transcoder); it has no top-k transcoder.
+    saelens_transcoders: tuple[str | None, str | None] = (None, None)
+    saelens_refusal = ""  # why this mechanism has no SAELens transcoder
+
+    @classmethod
+    def saelens_names(cls) -> tuple[str, ...]:
+        return tuple(name for name in cls.saelens_transcoders if name is not None)
+
+    def saelens_name(self) -> str | None:
+        return self.saelens_transcoders[bool(self.cfg.skip)]
 
     def __init__(self, cfg, standardizer=None):
         super().__init__(cfg, standardizer)
@@ -68,18 +80,25 @@ class Transcoder:
         return self.out_standardizer.inverse(y_std if skip is None else y_std + skip)
 
 
-def _transcoder(name: str, base: type[SparseAutoencoder], mechanism: str) -> type[SparseAutoencoder]:
+def _transcoder(name: str, base: type[SparseAutoencoder], mechanism: str,
+                saelens: tuple[str | None, str | None] = (None, None), refusal: str = "") -> type[SparseAutoencoder]:
     cfg_cls = dataclasses.dataclass(frozen=True, kw_only=True)(
         type(f"{base.config_cls.__name__.removesuffix('Config')}TranscoderConfig",
              (TranscoderOptions, base.config_cls), {"__module__": __name__}))
     doc = (f"Reads a module's input x and reconstructs its output y through {mechanism} codes "
            "(Dunefsky et al., 2024); --skip adds a linear path W_skip x (Paulo et al., 2025).")
     cls = type(f"{base.__name__.removesuffix('SAE')}Transcoder", (Transcoder, base),
-               {"config_cls": cfg_cls, "__doc__": doc, "__module__": __name__})
+               {"config_cls": cfg_cls, "__doc__": doc, "__module__": __name__,
+                "saelens_transcoders": saelens, "saelens_refusal": refusal})
     return register(name)(cls)
 
 
-TopKTranscoder = _transcoder("transcoder", TopKSAE, "TopK")
-BatchTopKTranscoder = _transcoder("batchtopk-transcoder", BatchTopKSAE, "BatchTopK")
-JumpReLUTranscoder = _transcoder("jumprelu-transcoder", JumpReLUSAE, "JumpReLU")
-ReluL1Transcoder = _transcoder("relu-l1-transcoder", ReluL1SAE, "ReLU + L1")
+TopKTranscoder = _transcoder("transcoder", TopKSAE, "TopK",
+                             refusal="SAELens has no top-k transcoder (its transcoders use ReLU or JumpReLU); "
+                                     "train batchtopk-transcoder, which exports as jumprelu_transcoder")
+# BatchTopK infers with one global threshold: SAELens's JumpReLU with that threshold on every latent.
+BatchTopKTranscoder = _transcoder("batchtopk-transcoder", BatchTopKSAE, "BatchTopK",
+                                  ("jumprelu_transcoder", "jumprelu_skip_transcoder"))
+JumpReLUTranscoder = _transcoder("jumprelu-transcoder", JumpReLUSAE, "JumpReLU",
+                                 ("jumprelu_transcoder", "jumprelu_skip_transcoder"))
+ReluL1Transcoder = _transcoder("relu-l1-transcoder", ReluL1SAE, "ReLU + L1", ("transcoder", "skip_transcoder"))
