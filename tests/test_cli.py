@@ -145,7 +145,8 @@ def test_non_positive_sizes_name_the_flag(tmp_path, capsys, npy_file, flag, valu
 
 def test_option_of_another_architecture(tmp_path, capsys, npy_file):
     _expect_error(["train", npy_file, "--out", tmp_path / "o", "--arch", "relu-l1", "--k", "4"], capsys,
-                  "option --k applies to batchtopk, topk, not to architecture 'relu-l1'", tmp_path / "o")
+                  "option --k applies to batchtopk, batchtopk-transcoder, clt, matryoshka, topk, topk-crosscoder, "
+                  "transcoder, not to architecture 'relu-l1'", tmp_path / "o")
 
 
 def test_config_field_names_become_flags():
@@ -323,9 +324,16 @@ def test_help_groups_model_options_by_architecture_with_their_defaults(command):
         else:
             assert title[name].endswith(" options") and set(per_arch) == set(
                 title[name].removesuffix(" options").replace(" and ", ", ").split(", ")), (name, title[name])
+        given = [d for d in per_arch.values() if d not in (None, (), dataclasses.MISSING)]
+        if not given:
+            continue
+        # "(default: A; x and y: B)" or "(default: x: A; y and z: B)": A for every owner not named
+        parts = help_text[name].rsplit("(default: ", 1)[1].removesuffix(")").split("; ")
+        owners = {arch: value for part in parts if ": " in part for names, value in [part.rsplit(": ", 1)]
+                  for arch in names.replace(" and ", ", ").split(", ")}
+        general = next((part for part in parts if ": " not in part), None)
         for arch, default in per_arch.items():
             if default not in (None, (), dataclasses.MISSING):
-                assert f"default: {default}" in help_text[name] or f"{arch}: {default}" in help_text[name], \
-                    (name, arch, help_text[name])
-    assert title["k"] == "batchtopk and topk options" and "(default: 8)" in help_text["k"]
-    assert "(default: True; kl: False)" in help_text["normalize_decoder"]
+                assert owners.get(arch, general) == str(default), (name, arch, help_text[name])
+    assert title["k"].startswith("batchtopk, ") and "(default: 8)" in help_text["k"]
+    assert "(default: True; crosscoder and kl: False)" in help_text["normalize_decoder"]

@@ -34,8 +34,8 @@ def test_a_grid_spans_architectures_with_different_options():
     assert point_names(grid) == ["arch-topk_k-2", "arch-topk_k-4", "arch-relu-l1_l1-0.3"]
     grid = expand_grid({"arch": ["relu-l1", "batchtopk", "topk"], "l1": [0.1, 1.0], "k": [8]})
     assert point_names(grid) == ["arch-relu-l1_l1-0.1", "arch-relu-l1_l1-1", "arch-batchtopk_k-8", "arch-topk_k-8"]
-    with pytest.raises(ConfigError, match=r"^option 'l1' applies to relu-l1, not to any architecture of the grid "
-                                          r"\(batchtopk, topk\)$"):
+    with pytest.raises(ConfigError, match=r"^option 'l1' applies to crosscoder, gated, relu-l1, relu-l1-transcoder, "
+                                          r"not to any architecture of the grid \(batchtopk, topk\)$"):
         expand_grid({"arch": ["topk", "batchtopk"], "l1": [0.1, 1.0]})
 
 
@@ -44,8 +44,8 @@ def test_cli_sweep_across_architectures(capsys):
                                       "--out", "D"])
     assert [p.get("k", p.get("l1")) for p in grid_from_args(args)] == [2, 4, 0.3]
     assert main(["sweep", "digits", "--arch", "topk", "batchtopk", "--l1", "0.3", "--out", "D"]) == 2
-    assert capsys.readouterr().err == ("flashsae: error: option --l1 applies to relu-l1, not to any architecture of "
-                                       "the grid (batchtopk, topk)\n")
+    assert capsys.readouterr().err == ("flashsae: error: option --l1 applies to crosscoder, gated, relu-l1, "
+                                       "relu-l1-transcoder, not to any architecture of the grid (batchtopk, topk)\n")
 
 
 def test_python_sweep_across_architectures(tmp_path):
@@ -60,7 +60,7 @@ def test_python_sweep_across_architectures(tmp_path):
 def test_a_bad_point_fails_before_anything_is_trained(tmp_path):
     with pytest.raises(ConfigError, match="unknown option 'bogus'"):
         run_grid("digits", [{"k": 4}, {"k": 8, "bogus": 1}], tmp_path / "sweep")
-    with pytest.raises(ConfigError, match="applies to relu-l1"):
+    with pytest.raises(ConfigError, match="applies to crosscoder, gated, relu-l1, relu-l1-transcoder, not to"):
         run_grid("digits", expand_grid({"l1": [0.1, 1.0]}, {"arch": "topk"}), tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()
     (tmp_path / "sweep").mkdir()
