@@ -95,7 +95,7 @@ def test_provenance_defaults_and_errors(tmp_path, gpt2, corpus):
     with pytest.raises(ConfigError, match="--model and --hook are needed"):
         D.evaluate_downstream(sae, text=corpus)
     model, tok = gpt2
-    with pytest.raises(DataError, match="width 64 but the SAE expects 8"):
+    with pytest.raises(DataError, match="module 'transformer.h.0' outputs width 64 but the model expects 8"):
         D.downstream_metrics(identity_sae(8), model, tok, "transformer.h.0", corpus, rows=32, context=32)
     with pytest.raises(DataError, match="no contexts after the first 100000"):
         D.downstream_metrics(sae, model, tok, "transformer.h.0", corpus, rows=32, context=32, start_context=100_000)

@@ -63,3 +63,11 @@ def test_minilm_transcoder_and_crosscoder_from_harvested_layers(tmp_path, minilm
     cc, cc_result = flashsae.train([str(acts / h) for h in layers], arch="topk-crosscoder", **opts)
     assert cc.cfg.layers == 3 and cc_result.metrics["fvu"] < 0.25, cc_result.metrics
     assert (cc.layer_norms() > 0.1).all(dim=1).float().mean() > 0.5  # most latents write to all three layers
+    # Spliced back: the crosscoder replaces all three layers at once, from their clean activations.
+    run = tmp_path / "cc"
+    flashsae.train([str(acts / h) for h in layers], arch="topk-crosscoder", out=run, **opts)
+    from flashsae.lm.downstream import evaluate_downstream
+
+    got = evaluate_downstream(flashsae.load(run), text=corpus, rows=512, batch=16, run_dir=run)
+    assert got["hook"] == layers and got["hook_fvu"] < 0.35, got
+    assert got["hidden_cosine"] > got["hidden_cosine_zero"] + 0.3, got  # zeroing three layers breaks the model

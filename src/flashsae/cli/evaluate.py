@@ -41,9 +41,11 @@ def add_downstream_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("downstream: splice the SAE into a transformers model (flashsae.lm.downstream)")
     g.add_argument("--model", default=None, help="model directory or cached name (default: the one the run's "
                    "activations came from, when recorded)")
-    g.add_argument("--hook", default=None, help="module name as in model.named_modules() (default: as recorded)")
-    g.add_argument("--target-hook", default=None,
-                   help="for a transcoder: the module whose output it replaces (default: as recorded)")
+    g.add_argument("--hook", nargs="+", default=None, metavar="MODULE",
+                   help="module name as in model.named_modules(); several for a crosscoder's layers "
+                        "(default: as recorded)")
+    g.add_argument("--target-hook", nargs="+", default=None, metavar="MODULE",
+                   help="for a transcoder: the module(s) whose output it replaces (default: as recorded)")
     g.add_argument("--text", default=None, help="corpus to evaluate on: .txt, .jsonl, .parquet, a folder or a "
                    "saved datasets directory")
     g.add_argument("--positions", type=int, default=None, metavar="N",
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         from flashsae.lm.downstream import evaluate_downstream
 
         metrics["downstream"] = evaluate_downstream(
-            model, text=args.text, model=args.model, hook=args.hook, target_hook=args.target_hook,
+            model, text=args.text, model=args.model, hook=_one_or_list(args.hook),
+            target_hook=_one_or_list(args.target_hook),
             rows=positions, context=args.context,
             batch=args.lm_batch, skip_contexts=args.skip_contexts, device=args.device, run_dir=args.run_dir,
             progress=show)
@@ -169,3 +172,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"spliced into {down['model']} at {down['hook']}:\n{format_metrics(down)}")
         print(f"saved to {out}")
     return 0
+
+
+def _one_or_list(names: list[str] | None):
+    """A flag's module names: one name as a str, several as a list, none as None."""
+    return names[0] if names and len(names) == 1 else names

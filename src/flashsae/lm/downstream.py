@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +62,10 @@ def splice(module, state: dict):
 
 
 @contextlib.contextmanager
-def _read(module, into: dict):
-    """While active, into["x"] is `module`'s latest output (nothing when module is None)."""
-    if module is None:
-        yield into
-        return
-
+def _read(module, into: dict, key):
+    """While active, into[key] is `module`'s latest output."""
     def hook(mod, inputs, output):
-        into["x"] = A.module_output(output)
+        into[key] = A.module_output(output)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -83,62 +79,80 @@ def is_causal_lm(model) -> bool:
 
 
 @torch.no_grad()
-def downstream_metrics(sae, model, tokenizer, hook: str, text, *, rows: int = 4096, context: int = 128,
-                       batch: int = 8, keep_special: bool = False, start_context: int = 0,
-                       target_hook: str | None = None, progress: bool = False) -> dict:
+def downstream_metrics(sae, model, tokenizer, hook: str | Sequence[str], text, *, rows: int = 4096,
+                       context: int = 128, batch: int = 8, keep_special: bool = False, start_context: int = 0,
+                       target_hook: str | Sequence[str] | None = None, progress: bool = False) -> dict:
     """Metrics of splicing `sae` into `model` at `hook` over about `rows` token positions of `text`.
 
+    The model reads the outputs of the `hook` modules (side by side when there are several: the
+    layers of a crosscoder) and writes those of the `target_hook` modules (a transcoder's output
+    module, a cross-layer transcoder's layers), or of the `hook` modules themselves. Each written
+    module's output is replaced by its block of the model's output, computed from the clean
+    activations; the zero-ablation baseline zeroes the same outputs.
+
     Args:
-        sae: a flashsae model whose d_in is the hooked module's width.
+        sae: a flashsae model whose widths match the modules'.
         model, tokenizer: from `flashsae.lm.activations.load_lm`.
-        hook: module name as in `model.named_modules()`.
+        hook: module name(s) as in `model.named_modules()`.
         text: corpus path; contexts are cut as in `flashsae harvest`.
         rows: token positions to evaluate (rounded up to whole contexts).
         start_context: skip this many contexts first (e.g. those a harvest trained on).
-        target_hook: for a transcoder, the module whose output it replaces (it reads `hook`'s
-            output); the metrics of the hook are then those of this module's output.
+        target_hook: the module(s) whose output a transcoder replaces; the hook metrics are then
+            those of their outputs.
 
     Raises:
-        DataError: the SAE's width does not match the module, or the corpus has no contexts left.
+        DataError: the model's widths do not match the modules, or the corpus has no contexts left.
     """
-    module = A.find_module(model, hook)
-    spliced_module = A.find_module(model, target_hook) if target_hook else module
+    reads = [hook] if isinstance(hook, str) else list(hook)
+    writes = reads if not target_hook else [target_hook] if isinstance(target_hook, str) else list(target_hook)
+    read_modules = [A.find_module(model, h) for h in reads]
+    write_modules = [A.find_module(model, h) for h in writes]
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
     specials = torch.as_tensor(A.special_ids(tokenizer), dtype=torch.long, device=device)
     causal = is_causal_lm(model)
     n_contexts = max(1, math.ceil(rows / context))
     acc = _Sums()
-    state: dict = {}
+    states: list[dict] = [{} for _ in writes]
+    read: dict = {}  # the read modules' outputs of the clean pass, when they are not the written ones
     from tqdm.auto import tqdm
 
-    reads: dict = {}  # a transcoder's input, read from `hook` in every pass (upstream of the splice)
-    with splice(spliced_module, state), _read(module if target_hook else None, reads), \
-            tqdm(total=n_contexts, unit="contexts", desc="downstream", disable=not progress) as bar:
+    with contextlib.ExitStack() as stack:
+        for module, state in zip(write_modules, states):
+            stack.enter_context(splice(module, state))
+        for i, module in enumerate(read_modules if writes is not reads else []):
+            stack.enter_context(_read(module, read, i))
+        bar = stack.enter_context(tqdm(total=n_contexts, unit="contexts", desc="downstream", disable=not progress))
         for ids in _batches(text, tokenizer, context, start_context, n_contexts, batch):
             ids = torch.from_numpy(ids).to(device)
-            state["mask"] = torch.ones_like(ids, dtype=torch.bool) if keep_special else ~torch.isin(ids, specials)
-            state["fn"] = None
+            mask = torch.ones_like(ids, dtype=torch.bool) if keep_special else ~torch.isin(ids, specials)
+            for state in states:
+                state["mask"], state["fn"] = mask, None
             clean = _outputs(model, ids, causal)
-            y = state.pop("clean")[state["mask"]]
-            x = reads["x"][state["mask"]] if target_hook else y
+            y_parts = [state.pop("clean")[mask] for state in states]
+            x_parts = y_parts if writes is reads else [read[i][mask] for i in range(len(reads))]
+            x, y = torch.cat(x_parts, -1), torch.cat(y_parts, -1)
             if x.shape[-1] != sae.d_in or y.shape[-1] != sae.d_out:
-                where = f"{hook!r} and {target_hook!r} output widths {x.shape[-1]} and {y.shape[-1]}" \
-                    if target_hook else f"{hook!r} outputs width {x.shape[-1]}"
-                raise DataError(f"module {where} but the model expects {sae.d_in}"
-                                + (f" and {sae.d_out}" if target_hook else ""))
-            acc.add_hook(y, reconstruct(sae, x), sae.encode(x.float()))
-            state["fn"] = (lambda h: reconstruct(sae, reads["x"][state["mask"]])) if target_hook \
-                else (lambda h: reconstruct(sae, h))
+                if len(reads) == 1 and writes is reads:
+                    raise DataError(f"module {reads[0]!r} outputs width {x.shape[-1]} but the model expects "
+                                    f"{sae.d_in}")
+                widths = ", ".join(f"{h!r} {p.shape[-1]}" for h, p in zip([*reads, *writes], [*x_parts, *y_parts]))
+                raise DataError(f"module widths ({widths}) do not match the model, which reads {sae.d_in} "
+                                f"columns and writes {sae.d_out}")
+            y_hat = reconstruct(sae, x)
+            acc.add_hook(y, y_hat, sae.encode(x.float()))
+            for state, block in zip(states, torch.split(y_hat, [p.shape[-1] for p in y_parts], -1)):
+                state["fn"] = lambda h, block=block: block
             spliced = _outputs(model, ids, causal)
-            state["fn"] = torch.zeros_like
+            for state in states:
+                state["fn"] = torch.zeros_like
             zeroed = _outputs(model, ids, causal)
             if causal:
                 acc.add_lm(ids, clean, spliced, zeroed)
             else:
                 acc.add_encoder(clean, spliced, zeroed)
             acc.contexts += ids.shape[0]
-            acc.positions += int(state["mask"].sum())
+            acc.positions += int(mask.sum())
             bar.update(ids.shape[0])
     if acc.contexts == 0:
         raise DataError(f"corpus {text} has no contexts after the first {start_context}; "
@@ -160,9 +174,9 @@ def provenance(run_config: dict, run_dir: str | os.PathLike | None = None) -> di
     only a harvest with the run's rows and width. {} when unknown.
     """
     stats = run_config.get("data_stats") or {}
-    target = stats.get("target_provenance")
-    extra = {"target_hook": target.get("hook")} if isinstance(target, dict) and target.get("hook") else {}
-    for recorded in (stats.get("provenance"), stats.get("activations")):
+    target = _one_harvest(stats.get("target_provenance"))
+    extra = {"target_hook": target["hook"]} if target else {}
+    for recorded in (_one_harvest(stats.get("provenance")), stats.get("activations")):
         if isinstance(recorded, dict) and recorded.get("model") and recorded.get("hook"):
             return {**{k: recorded.get(k) for k in _PROVENANCE}, **extra}
     acts = _harvest_dir(run_config, run_dir)
@@ -173,6 +187,18 @@ def provenance(run_config: dict, run_dir: str | os.PathLike | None = None) -> di
         return {k: m["provenance"].get(k) for k in _PROVENANCE}
     return {"model": m.get("model_path") or m.get("model"), "hook": m.get("hook"), "context": m.get("context"),
             "keep_special": m.get("keep_special"), "text": m.get("text"), "next_context": m.get("next_context")}
+
+
+def _one_harvest(recorded) -> dict | None:
+    """A harvest's provenance, or that of several harvested layers read side by side (their hooks
+    as a list, the rest from the first) when they came from one model; None when unknown."""
+    if isinstance(recorded, dict) and isinstance(recorded.get("layers"), list):
+        layers = recorded["layers"]
+        if not all(isinstance(p, dict) and p.get("hook") for p in layers) \
+                or len({p.get("model") for p in layers}) != 1:
+            return None
+        return {**layers[0], "hook": [p["hook"] for p in layers]}
+    return recorded if isinstance(recorded, dict) and recorded.get("hook") else None
 
 
 def _harvest_dir(run_config: dict, run_dir) -> Path | None:
