@@ -105,11 +105,11 @@ class TrainingRun:
         model = cls(model_cfg, copy.deepcopy(dpass.standardizers[cls.inputs[0]]))
         if model.target_standardizer is not None:
             model.target_standardizer = copy.deepcopy(dpass.standardizers[cls.targets[0]])
-        model.to(dpass.device)
         if not resume:
             dpass.init_b_dec(model, threads)
         comm.broadcast_module_(model)  # every rank starts from rank 0's weights and standardiser
-        self.model = shard(model, comm.tensor)  # this rank's latents when they are split over ranks
+        # This rank's latents when they are split over ranks, moved to the device only once sliced.
+        self.model = shard(model, comm.tensor).to(dpass.device)
         self.total_steps, dead_after, self.eval_every = schedule(spec, len(dpass.train_ids), dpass.batch_size,
                                                                  model_cfg.d_sae)
         self.trainer = Trainer(self.model, cfg, total_steps=self.total_steps, dead_after_rows=dead_after, comm=comm)
