@@ -127,8 +127,17 @@ class SparseAutoencoder(nn.Module):
         # active latents about half of them fire at first and each adds ~x/(2 d_in): scale the encoder by
         # 2 d_in / d_sae so that the first reconstructions have the data's scale instead of d_sae/(2 d_in) times it.
         scale = 1.0 if self.k_limited else min(1.0, 2 * code_out / cfg.d_sae)
-        tied = code_in == code_out and self.is_sae
-        self.W_enc = nn.Parameter(W_dec.clone() * scale if tied else _kaiming(cfg.d_sae, code_in))
+        # A one-layer model of another stream (a transcoder) has no tie: it starts from random unit rows
+        # at the same scale, which learned faster than He initialisation (y = x on planted data, 60k
+        # rows: held-out FVU 0.29 against 0.39; the tied SAE 0.25).
+        if code_in == code_out and self.is_sae:
+            W_enc = W_dec.clone() * scale
+        elif not self.is_deep:
+            W_enc = torch.randn(cfg.d_sae, code_in)
+            W_enc *= scale / W_enc.norm(dim=-1, keepdim=True)
+        else:
+            W_enc = _kaiming(cfg.d_sae, code_in)
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
 
