@@ -228,3 +228,22 @@ def test_the_default_budget_grows_with_the_dictionary():
     assert default_rows(262_144, 512) == 20 * 262_144        # 20 epochs
     assert default_rows(50_000, 64) == 2_000_000             # at least 2M rows
     assert default_rows(1_617, 512) == 200 * 1_617           # at most 200 epochs
+
+
+def test_rows_on_the_device_are_standardised_once_and_batch_like_the_host_feed():
+    from flashsae.train.prepare import DataPass
+
+    x = np.random.default_rng(4).normal(3.0, 2.0, size=(700, 6)).astype(np.float32)
+    batches = {}
+    for setting in ("no", "yes"):
+        spec = RunSpec.from_options(x, {"batch_size": 64, "seed": 2, "device": "cpu", "rows_on_device": setting})
+        dpass = DataPass.open(x, spec)
+        source = dpass.batches()
+        batches[setting] = [b["x"].clone() for b in source.epoch(1)]
+        if setting == "yes":
+            std = dpass.standardizers["x"]
+            assert torch.equal(source.rows["x"], std(torch.from_numpy(x)))  # the held rows, standardised
+    assert len(batches["yes"]) == len(batches["no"]) == len(dpass.train_ids) // 64
+    for host, device in zip(batches["no"], batches["yes"]):
+        assert torch.equal(host, device)
+    assert abs(float(torch.cat(batches["yes"]).mean())) < 0.1

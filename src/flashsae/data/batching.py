@@ -82,13 +82,28 @@ class BatchIterator:
         shard: (rank, world_size) for data-parallel training: every rank plans the same global
             batches and reads only rows [rank * n // world_size, (rank + 1) * n // world_size)
             of each n-row batch.
+        keep: None hands out every batch in a new array the caller may hold for as long as it likes.
+            An int writes the full batches into a ring of reused buffers instead (no allocation
+            and no page faults per batch): each batch stays unchanged while the caller draws `keep`
+            more batches, and is overwritten after that. The ring holds `keep + prefetch + 2`
+            buffers: the batch in use, the `keep` before it, the `prefetch` waiting in the queue and
+            the one the reader thread is writing. The final partial batch always gets its own array.
+        stored: hand out rows in the source's `storage` form (uint16 bits for bfloat16 rows, widened
+            on the training device) instead of float32.
+        allocate: makes the ring's buffers, `allocate(shape, numpy_dtype) -> ndarray` (page-locked
+            memory for a CUDA device); default `np.empty`.
+
+    Rows of a source held in memory (`Source.stored_rows`) are gathered straight from it into the
+    batch; rows in files are read a block of sorted ids at a time (near-sequential access) and the
+    batches gathered from the window. Either way each row is written once per batch.
     """
 
     def __init__(self, source, row_ids: np.ndarray, batch_size: int, *, seed: int,
                  chunk_rows: int = 262_144, shuffle: bool = True, prefetch: int = 2,
-                 drop_last: bool = True, shard: tuple[int, int] = (0, 1)):
+                 drop_last: bool = True, shard: tuple[int, int] = (0, 1), keep: int | None = None,
+                 stored: bool = False, allocate=None):
         for name, value, low in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1),
-                                 ("prefetch", prefetch, 0)):
+                                 ("prefetch", prefetch, 0), ("keep", 0 if keep is None else keep, 0)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         rank, world = shard
@@ -97,12 +112,18 @@ class BatchIterator:
         self.shard = (rank, world)
         self.source = source
         self.row_ids = np.asarray(row_ids, dtype=np.int64)
+        if self.row_ids.size and (self.row_ids.min() < 0 or self.row_ids.max() >= source.n_rows):
+            raise IndexError(f"row ids must lie in [0, {source.n_rows}), got [{self.row_ids.min()}, "
+                             f"{self.row_ids.max()}]")
         self.batch_size = batch_size
         self.seed = seed
         self.chunk_rows = chunk_rows
         self.shuffle = shuffle
         self.prefetch = prefetch
         self.drop_last = drop_last
+        self.keep = keep
+        self.stored = stored and getattr(source, "storage", "float32") != "float32"
+        self.allocate = allocate or np.empty
         self._blocks = [self.row_ids[i:i + chunk_rows] for i in range(0, len(self.row_ids), chunk_rows)]
 
     def batches_per_epoch(self) -> int:
@@ -189,6 +210,14 @@ class BatchIterator:
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
         """The batch sequence; the plan uses ids only, data is read only for batches yielded."""
+        out = self._outputs()
+        rows = getattr(self.source, "stored_rows", lambda: None)()  # duck-typed sources may lack it
+        rows = rows if self.stored else _float32(rows)
+        if rows is not None:  # in memory: every batch gathered straight from the rows
+            for ids in self.plan(epoch, start_batch):
+                yield np.take(rows, ids, axis=0, out=out(len(ids)), mode="clip")  # ids checked in __init__
+            return
+        take = self.source.take_stored if self.stored else self.source.take
         bs = self.batch_size
         carry = None  # data of the rows carried into the next window, None when not read (skipped)
         left = np.zeros(0, np.int64)  # ids of those rows
@@ -200,17 +229,34 @@ class BatchIterator:
                 carry, emitted = None, emitted + n_full
                 continue
             if carry is None:
-                carry = self.source.take(carry_ids)
-            block = self.source.take(ids)
+                carry = take(carry_ids)
+            block = take(ids)
             lo, hi = self._my_rows(bs)
             for i in range(max(0, start_batch - emitted), n_full):
-                yield _gather(carry, block, perm[i * bs + lo:i * bs + hi])
-            carry = _gather(carry, block, rest)
+                yield _gather(carry, block, perm[i * bs + lo:i * bs + hi], out(hi - lo))
+            carry = _gather(carry, block, rest, np.empty((len(rest), block.shape[1]), block.dtype))
             emitted += n_full
             del block  # free the window before the next read
         if not self.drop_last and len(left) and emitted >= start_batch:
             lo, hi = self._my_rows(len(left))
-            yield carry[lo:hi] if carry is not None else self.source.take(left[lo:hi])
+            yield carry[lo:hi] if carry is not None else take(left[lo:hi])
+
+    def _outputs(self):
+        """`out(n)`: the array the next n-row batch is written into (see `keep`)."""
+        dtype = np.uint16 if self.stored else np.float32
+        shape = (self._my_rows(self.batch_size)[1] - self._my_rows(self.batch_size)[0], self.source.d_in)
+        if self.keep is None:
+            return lambda n: np.empty((n, shape[1]), dtype)
+        ring = [self.allocate(shape, dtype) for _ in range(self.keep + self.prefetch + 2)]
+        count = [0]
+
+        def out(n: int) -> np.ndarray:
+            if n != shape[0]:
+                return np.empty((n, shape[1]), dtype)  # the final partial batch
+            count[0] += 1
+            return ring[count[0] % len(ring)]
+
+        return out
 
     def _my_rows(self, n: int) -> tuple[int, int]:
         """This rank's rows [lo, hi) of an n-row global batch."""
@@ -218,17 +264,20 @@ class BatchIterator:
         return rank * n // world, (rank + 1) * n // world
 
 
-def _gather(carry: np.ndarray, block: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Rows `idx` of the virtual concatenation [carry; block], without building it."""
+def _gather(carry: np.ndarray, block: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows `idx` of the virtual concatenation [carry; block] written into `out`, without building it."""
     n_carry = len(carry)
-    out = np.empty((len(idx), block.shape[1]), dtype=np.float32)
     from_carry = idx < n_carry
     if from_carry.any():
         out[from_carry] = carry[idx[from_carry]]
         out[~from_carry] = block[idx[~from_carry] - n_carry]
     else:
-        np.take(block, idx - n_carry, axis=0, out=out)
+        np.take(block, idx - n_carry, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
     return out
+
+
+def _float32(rows: np.ndarray | None) -> np.ndarray | None:
+    return rows if rows is not None and rows.dtype == np.float32 else None
 
 
 class RowBatches:

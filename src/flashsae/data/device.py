@@ -1,14 +1,20 @@
 """Host batches onto the training device, one batch ahead of the step that uses it.
 
-`to_device(batches, device)` turns an iterator of float32 numpy batches into device tensors.
-On a CUDA device each batch is copied into one of a few page-locked (pinned) host buffers and
-sent on a side stream with a non-blocking copy, while the GPU still works on the previous step;
-the training stream waits for the copy with an event, not a host synchronisation. A pinned buffer
-is reused only after the copy that read it has finished. (Pinned host-to-device copies ran at
-54 GB/s on an H100 host against 7.5-12.5 GB/s from pageable memory.) On the CPU the batch is
-wrapped without a copy.
+`to_device(batches, device)` turns an iterator of numpy batches into float32 device tensors. A
+batch is float32, or uint16 holding bfloat16 bits (rows stored in bf16, `Source.storage`): those
+travel as bf16, half the bytes, and are widened on the device. On a CUDA device each batch is sent
+on a side stream with a non-blocking copy while the GPU still works on the previous step; the
+training stream waits for the copy with an event, not a host synchronisation. (Pinned
+host-to-device copies ran at 54 GB/s on an H100 host against 7.5-12.5 GB/s from pageable memory.)
+A batch already in page-locked memory (the feed wrote it there: `BatchIterator(allocate=pinned)`)
+is sent from where it is; any other is first staged in one of a few pinned buffers of our own. On
+the CPU the batch is wrapped without a copy.
 
-The reading itself (file access, shuffling) already runs on `BatchIterator`'s background thread.
+Lifetime: the host array of batch i must stay unchanged until batch i + 1 has been drawn from
+`batches` (the copy of i is still in flight then); before drawing batch i + 2 the host waits for
+the copy of i. So a feed that reuses its buffers gives each batch `keep=1` (`BatchIterator`).
+
+The reading itself (file access, shuffling, gathering) runs on `BatchIterator`'s background thread.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ def to_device(batches: Iterable, device: torch.device, *, pinned: bool | None = 
     """Yield each batch as float32 tensors on `device`, in order.
 
     A batch is one numpy array, or a dict of named arrays ({"x": ..., "y": ...}), which comes back
-    as a dict of tensors. `pinned`: stage through page-locked buffers on a side stream (default:
+    as a dict of tensors. `pinned`: send through page-locked memory on a side stream (default:
     when `device` is CUDA).
     """
     device = torch.device(device)
@@ -36,7 +42,7 @@ def to_device(batches: Iterable, device: torch.device, *, pinned: bool | None = 
     try:
         if not pinned:
             for batch in it:
-                yield _map(batch, lambda a: torch.from_numpy(_writable(a)).to(device))
+                yield _map(batch, lambda a: widen(host_tensor(a).to(device)))
             return
         feeders: dict = {}  # one ring of buffers per stream name (None: plain array batches)
 
@@ -55,6 +61,11 @@ def to_device(batches: Iterable, device: torch.device, *, pinned: bool | None = 
                 return {k: feeders[k].receive(v) for k, v in pending.items()}
             return feeders[None].receive(pending)
 
+        def finish(pending):
+            for _, event in (pending.values() if isinstance(pending, dict) else [pending]):
+                if event is not None:
+                    event.synchronize()  # the feed may now refill the host buffer this copy read
+
         first = next(it, None)
         if first is None:
             return
@@ -62,6 +73,7 @@ def to_device(batches: Iterable, device: torch.device, *, pinned: bool | None = 
         for batch in it:
             following = send(batch)
             yield receive(pending)
+            finish(pending)
             pending = following
         yield receive(pending)
     finally:
@@ -70,16 +82,32 @@ def to_device(batches: Iterable, device: torch.device, *, pinned: bool | None = 
             close()  # stop the reader thread of a generator left early
 
 
+def host_tensor(batch: np.ndarray) -> Tensor:
+    """A numpy batch as a CPU tensor sharing its memory: float32, or bfloat16 for uint16 bits."""
+    if not batch.flags.writeable:
+        batch = batch.copy()  # torch.from_numpy warns on read-only arrays
+    t = torch.from_numpy(batch)
+    return t.view(torch.bfloat16) if batch.dtype == np.uint16 else t
+
+
+def widen(t: Tensor) -> Tensor:
+    """float32 on the tensor's own device (bf16 rows are widened where they arrive)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def pinned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised page-locked numpy array (`BatchIterator(allocate=...)` on a CUDA host)."""
+    itemsize = np.dtype(dtype).itemsize
+    torch_dtype = {4: torch.float32, 2: torch.int16}[itemsize]
+    return torch.empty(shape, dtype=torch_dtype, pin_memory=True).numpy().view(dtype)
+
+
 def _map(batch, fn):
     return {k: fn(v) for k, v in batch.items()} if isinstance(batch, dict) else fn(batch)
 
 
-def _writable(batch: np.ndarray) -> np.ndarray:
-    return batch if batch.flags.writeable else batch.copy()  # torch.from_numpy warns on read-only arrays
-
-
 class _PinnedFeeder:
-    """A ring of pinned host buffers and one copy stream (CUDA)."""
+    """One copy stream, and a ring of pinned host buffers for batches not already pinned (CUDA)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -90,30 +118,38 @@ class _PinnedFeeder:
         self.next_slot = 0
 
     def send(self, batch: np.ndarray) -> tuple[Tensor, object]:
-        """Stage `batch` in the next pinned buffer and start its copy; returns (device tensor, event)."""
+        """Start the copy of `batch` to the device; returns (device tensor, event)."""
+        src, slot = host_tensor(batch), None
+        if not (self.cuda and src.is_pinned()):
+            src, slot = self._stage(src)
+        if not self.cuda:  # the same path without CUDA (tests): a plain copy
+            return src.to(self.device, copy=True), None
+        with torch.cuda.stream(self.stream):
+            out = src.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        if slot is not None:
+            self.done[slot] = event
+        return out, event
+
+    def _stage(self, src: Tensor) -> tuple[Tensor, int]:
+        """Copy `src` into the next pinned buffer, once the copy that last read that buffer is done."""
         i = self.next_slot
         self.next_slot = (i + 1) % RING
         if self.done[i] is not None:
-            self.done[i].synchronize()  # the copy that last read this buffer has finished
-        buf = self.slots[i]
-        if buf is None or buf.shape != batch.shape:
-            buf = self.slots[i] = torch.empty(batch.shape, dtype=torch.float32, pin_memory=self.cuda)
-        buf.numpy()[...] = batch
-        if not self.cuda:  # the same path without CUDA (tests): a plain copy
+            self.done[i].synchronize()
             self.done[i] = None
-            return buf.to(self.device, copy=True), None
-        with torch.cuda.stream(self.stream):
-            out = buf.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.done[i] = event
-        return out, event
+        buf = self.slots[i]
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = self.slots[i] = torch.empty(src.shape, dtype=src.dtype, pin_memory=self.cuda)
+        buf.copy_(src)
+        return buf, i
 
     def receive(self, pending: tuple[Tensor, object]) -> Tensor:
-        """Make the current stream wait for the copy, then hand the tensor to it."""
+        """Make the current stream wait for the copy, then hand the tensor to it, widened to float32."""
         out, event = pending
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
             out.record_stream(current)  # the allocator must not reuse it before the step is done
-        return out
+        return widen(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import mmap
 import os
 import struct
 import tokenize
@@ -65,6 +66,19 @@ class Source:
         """Rows at int64 indices `rows` (any order) as a new writable float32 (len(rows), d_in) array."""
         raise NotImplementedError
 
+    storage: str = "float32"
+    """How `take_stored` hands rows out: "float32", or "bfloat16" as raw uint16 bits (the top half
+    of each float32), which the feed widens on the training device."""
+
+    def take_stored(self, rows: np.ndarray) -> np.ndarray:
+        """Like `take`, in the `storage` form: uint16 bits when `storage` is "bfloat16"."""
+        return self.take(rows)
+
+    def stored_rows(self) -> np.ndarray | None:
+        """Every row in the `storage` form, as the in-memory C-contiguous array that holds them (a
+        read-only view, never a copy), or None when the rows are in a file or must be converted."""
+        return None
+
     def __len__(self) -> int:
         return self.n_rows
 
@@ -108,6 +122,7 @@ class ArraySource(Source):
         self.n_rows, self.d_in = (int(s) for s in array.shape)
         self.image_shape = _image_shape(image_shape, self.d_in)
         self.ground_truth = ground_truth
+        self.storage = "bfloat16" if bfloat16 else "float32"
 
     def _to_f32(self, a: np.ndarray, copy: bool = False) -> np.ndarray:
         if self._bfloat16:  # bf16 is the top half of a float32
@@ -130,6 +145,28 @@ class ArraySource(Source):
 
         return _sorted_gather(rows, gather)
 
+    def take_stored(self, rows: np.ndarray) -> np.ndarray:
+        if not self._bfloat16:
+            return self.take(rows)
+        rows = _check_rows(rows, self.n_rows)
+        return _sorted_gather(rows, lambda ids: np.array(self._array[ids], dtype=np.uint16))
+
+    def stored_rows(self) -> np.ndarray | None:
+        a = self._array
+        dtype = np.uint16 if self._bfloat16 else np.float32
+        if a.dtype != dtype or not a.flags.c_contiguous or _is_mapped(a):
+            return None
+        return _readonly(a)
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    """Whether `a` views a memory-mapped file (gathering from it at random would read the file at random)."""
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
 
 class ShardedSource(Source):
     """Shards (each an ArraySource with the same d_in) concatenated along rows, in order."""
@@ -144,6 +181,8 @@ class ShardedSource(Source):
         self.n_rows = int(self._offsets[-1])
         self.d_in = shards[0].d_in
         self.image_shape = _image_shape(image_shape, self.d_in)
+        kinds = {s.storage for s in shards}
+        self.storage = kinds.pop() if len(kinds) == 1 else "float32"
 
     def read(self, start: int, stop: int) -> np.ndarray:
         start, stop = max(0, start), min(stop, self.n_rows)
@@ -161,16 +200,23 @@ class ShardedSource(Source):
         return np.concatenate(parts)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
+        return self._take(rows, stored=False)
+
+    def take_stored(self, rows: np.ndarray) -> np.ndarray:
+        return self._take(rows, stored=self.storage != "float32")
+
+    def _take(self, rows: np.ndarray, *, stored: bool) -> np.ndarray:
         rows = _check_rows(rows, self.n_rows)
 
         def gather(ids):
             shard = np.searchsorted(self._offsets, ids, side="right") - 1
             cuts = np.searchsorted(shard, np.arange(len(self._shards) + 1))
-            parts = [self._shards[i].take(ids[a:b] - self._offsets[i])
-                     for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])) if b > a]
+            parts = [(s.take_stored if stored else s.take)(ids[a:b] - self._offsets[i])
+                     for i, (s, a, b) in enumerate(zip(self._shards, cuts[:-1], cuts[1:])) if b > a]
             if len(parts) == 1:
                 return parts[0]
-            return np.concatenate(parts) if parts else np.zeros((0, self.d_in), np.float32)
+            dtype = np.uint16 if stored else np.float32
+            return np.concatenate(parts) if parts else np.zeros((0, self.d_in), dtype)
 
         return _sorted_gather(rows, gather)
 

@@ -24,7 +24,7 @@ import torch
 from flashsae import distributed
 from flashsae.data import open_source, split_rows
 from flashsae.data.batching import DeviceBatches, NamedBatches, RowBatches
-from flashsae.data.device import to_device
+from flashsae.data.device import pinned_empty, to_device
 from flashsae.data.layers import LayerSource
 from flashsae.errors import ConfigError, DataError
 from flashsae.preprocess import Scan, Standardizer, require_finite, scan
@@ -92,8 +92,12 @@ class _Rows:
         self.streams = streams
         self.tensors = tensors or {}
 
-    def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int]):
-        return RowBatches(self.streams, train_ids, batch_size, seed=seed, shard=shard)
+    def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int], device: torch.device):
+        """Batches read into reused buffers (page-locked for CUDA) in the rows' stored precision, for
+        `to_device`: each must survive one more draw while its copy is in flight (`keep=1`)."""
+        allocate = pinned_empty if device.type == "cuda" else None
+        return RowBatches(self.streams, train_ids, batch_size, seed=seed, shard=shard, keep=1, stored=True,
+                          allocate=allocate)
 
     def on_device(self, setting: str, device: torch.device) -> bool:
         """Whether the rows go to `device` once (rows_on_device: auto, yes, no)."""
@@ -106,16 +110,18 @@ class _Rows:
         size = sum(s.n_rows * s.d_in * 4 for s in self.streams.values())
         return size <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
 
-    def device_batches(self, host: RowBatches, device: torch.device) -> DeviceBatches:
-        """The same batches as `host`, gathered from a copy of every row on `device`."""
+    def device_batches(self, host: RowBatches, device: torch.device, standardizers: dict) -> DeviceBatches:
+        """The same batches as `host`, gathered from a copy of every row on `device`, standardised
+        there once (the batches are then bit-identical to standardising each one: it is elementwise)."""
         rows = {}
         for name, src in self.streams.items():
             given = self.tensors.get(name)
             if given is not None and given.device == device:
-                rows[name] = given.float()
+                t = given.float()
             else:
                 a = np.asarray(src.read(0, src.n_rows), dtype=np.float32)
-                rows[name] = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+                t = torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+            rows[name] = standardizers[name](t)
         return DeviceBatches(rows, host.iterators["x"])
 
     def describe(self) -> dict | None:
@@ -132,7 +138,7 @@ class _OnTheFly:
         self.stream = stream
         self.streams = {"x": stream.source}
 
-    def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int]):
+    def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int], device: torch.device):
         return NamedBatches(self.stream.batches(train_ids, batch_size, seed=seed), "x")
 
     def on_device(self, setting: str, device: torch.device) -> bool:
@@ -278,10 +284,11 @@ class DataPass:
     def batches(self):
         """The pass's BatchSource: `epoch(e, start_batch)` yields {stream: tensor} on the device, standardised."""
         inner = self.data.batches(self.train_ids, self.batch_size, seed=self.seed,
-                                  shard=(self.comm.rank, self.comm.world_size))
+                                  shard=(self.comm.rank, self.comm.world_size), device=self.device)
+        standardizers = {n: s.to(self.device) for n, s in self.standardizers.items()}
         if self.rows_go_to_device():
-            inner = self.data.device_batches(inner, self.device)
-        return _Standardised(inner, self.device, {n: s.to(self.device) for n, s in self.standardizers.items()})
+            return self.data.device_batches(inner, self.device, standardizers)
+        return _Standardised(inner, self.device, standardizers)
 
     def rows_go_to_device(self) -> bool:
         """Whether the batches are gathered from rows held on the device (TrainConfig.rows_on_device)."""
@@ -338,8 +345,7 @@ class _Standardised:
         return self.inner.batches_per_epoch()
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        raw = self.inner.epoch(epoch, start_batch)
-        for batch in raw if isinstance(self.inner, DeviceBatches) else to_device(raw, self.device):
+        for batch in to_device(self.inner.epoch(epoch, start_batch), self.device):
             yield {name: self.standardizers[name](t) for name, t in batch.items()}
 
 
