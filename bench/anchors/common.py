@@ -130,6 +130,7 @@ def heldout_metrics(
     """
     dev = torch.device(device) if device is not None else X_val.device
     mean = X_val.double().mean(0)
+    kept = [] if TRUTH else None
     sse = 0.0
     sst = 0.0
     nnz = 0
@@ -143,14 +144,28 @@ def heldout_metrics(
         sst += (xd - mean.to(dev)).pow(2).sum().item()
         nz = codes != 0
         nnz += int(nz.sum().item())
+        if kept is not None:
+            kept.append(codes.float().cpu())
         f = nz.any(0)
         fired = f if fired is None else fired | f
     n = X_val.shape[0]
-    return {
+    out = {
         "fvu": sse / sst if sst > 0 else float("nan"),
         "l0": nnz / n,
         "dead_fraction": 1.0 - fired.float().mean().item(),
     }
+    if kept is not None:
+        from bench import synth
+
+        codes = torch.cat(kept)
+        decoder = synth.decoder_atoms(lambda c: decode_fn(c.to(dev)).cpu(), codes.shape[1])
+        out.update(synth.truth_scores(codes, decoder, TRUTH["codes"], TRUTH["atoms"]))
+    return out
+
+
+TRUTH: dict = {}
+"""The planted truth of the held-out rows ({"codes": (n, n_atoms), "atoms": (n_atoms, d)}); when set
+(`run_one --truth`), `heldout_metrics` also scores recovery, MCC, precision and recall."""
 
 
 def metrics_ok(m: dict) -> bool:
@@ -317,5 +332,6 @@ def finish(
         dead_fraction=metrics["dead_fraction"],
         peak_mem_mb=peak_mb,
         error=error,
-        extra={"rows_trained": rows, **extra},
+        extra={"rows_trained": rows, **{k: v for k, v in metrics.items() if k not in ("fvu", "l0", "dead_fraction")},
+               **extra},
     )

@@ -20,6 +20,18 @@ from bench.anchors import common, load
 from bench.anchors.common import BenchResult, BenchSpec
 
 
+def hide_broken_torchvision() -> None:
+    """A torchvision wheel built for another torch fails at import and takes `import transformers`
+    (which every SAE library imports) down with it; nothing on the benchmark's path needs it, so
+    make it look absent."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.anchors.run_one")
     p.add_argument("--library", required=True)
@@ -28,11 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", required=True, help=".npy with the training rows (float32)")
     p.add_argument("--val", required=True, help=".npy with the held-out rows (float32)")
     p.add_argument("--out", required=True, help="where to write the result JSON")
+    p.add_argument("--truth", help=".npz with the held-out rows' planted codes and atoms (bench.quality)")
     args = p.parse_args(argv)
 
+    hide_broken_torchvision()
     spec = BenchSpec.from_json(json.loads(args.spec))
     common.set_threads()
     torch.manual_seed(spec.seed)
+    if args.truth:
+        truth = np.load(args.truth)
+        common.TRUTH.update(codes=torch.from_numpy(truth["codes"]), atoms=torch.from_numpy(truth["atoms"]))
     try:
         mod = load(args.library)
         if not mod.available():

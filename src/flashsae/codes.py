@@ -56,12 +56,17 @@ _MAX_CHUNK_VALUES = 1 << 24
 
 
 @torch.no_grad()
-def iter_code_chunks(model, source, row_ids=None, *, chunk_rows: int = 8192, progress: bool = False):
+def iter_code_chunks(model, source, row_ids=None, *, chunk_rows: int = 8192, progress: bool = False,
+                     refine: int = 0):
     """Yield the codes of consecutive row chunks as CSR pieces (data, indices, row_nnz).
 
     data float32 (nnz,), indices int32 (nnz,) sorted within each row, row_nnz int64 (rows,).
     Top-k models hand over their (values, indices) directly; the dense codes are never built.
+    `refine`: projected gradient steps on the chosen latents' values (`flashsae.refine`).
     """
+    from flashsae.refine import check_refinable, refined_forward
+
+    check_refinable(model, refine)
     device = model.W_dec.device
     chunk_rows = max(1, min(chunk_rows, _MAX_CHUNK_VALUES // model.d_sae))
     chunks = iter_chunks(source, row_ids, chunk_rows=chunk_rows)
@@ -75,7 +80,7 @@ def iter_code_chunks(model, source, row_ids=None, *, chunk_rows: int = 8192, pro
     try:
         for chunk in chunks:
             x = model.standardizer(torch.from_numpy(np.ascontiguousarray(chunk)).to(device, model.W_dec.dtype))
-            codes = model(x).codes
+            codes = refined_forward(model, x, refine)[0] if refine else model(x).codes
             if isinstance(codes, SparseCodes):
                 order = codes.indices.argsort(dim=1)
                 values = codes.values.gather(1, order)
@@ -106,7 +111,7 @@ def encode_to_csr(model, source, row_ids=None, *, chunk_rows: int = 8192, progre
 
 
 def encode_to_npz(model, source, row_ids=None, path: str | os.PathLike = "codes.npz", *, chunk_rows: int = 8192,
-                  progress: bool = False) -> CodesFile:
+                  progress: bool = False, refine: int = 0) -> CodesFile:
     """Stream the codes of every row (or of row_ids) into a CSR .npz that scipy.sparse.load_npz reads.
 
     Memory stays bounded by one chunk whatever the number of rows: the CSR arrays grow in
@@ -123,7 +128,7 @@ def encode_to_npz(model, source, row_ids=None, path: str | os.PathLike = "codes.
             indptr = np.lib.format.open_memmap(parts["indptr"], mode="w+", dtype=np.int64, shape=(n + 1,))
             indptr[0] = nnz = row = 0
             for data, indices, counts in iter_code_chunks(model, source, row_ids, chunk_rows=chunk_rows,
-                                                          progress=progress):
+                                                          progress=progress, refine=refine):
                 f_data.write(data.tobytes())
                 f_idx.write(indices.tobytes())
                 indptr[row + 1:row + 1 + len(counts)] = nnz + np.cumsum(counts)

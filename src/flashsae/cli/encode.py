@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default=None, help="array name inside a .npz or .safetensors file")
     p.add_argument("--drop-nonfinite", action="store_true", help="skip rows containing NaN or Inf")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="refine the values of the latents the encoder chose by STEPS projected gradient steps "
+                        "on the reconstruction error (one-layer SAEs; default: 0, the encoder's own codes)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
@@ -30,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_run(args.run_dir)
     source, row_ids = open_for_model(model, args.data, key=args.key, drop_nonfinite=args.drop_nonfinite,
                                      progress=not (args.quiet or args.json))
-    codes = encode_to_npz(model, source, row_ids, args.out, progress=not (args.quiet or args.json))
+    codes = encode_to_npz(model, source, row_ids, args.out, progress=not (args.quiet or args.json),
+                          refine=args.refine)
     if args.json:
         from flashsae.cli.common import print_json
 

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="where to save the metrics (default: RUN_DIR/evaluation.json)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="refine the values of the latents the encoder chose by STEPS projected gradient steps "
+                        "on the reconstruction error (one-layer SAEs; default: 0, the encoder's own codes)")
     add_downstream_flags(p)
 
 
@@ -149,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         source, row_ids = open_for_model(model, args.data, key=args.key, drop_nonfinite=args.drop_nonfinite,
                                          progress=show)
         row_ids, scored = choose_rows(io.read_config(args.run_dir), args.run_dir, source, row_ids, wanted)
-        metrics = {"data": source.name, "evaluated_on": scored, **evaluate(model, source, row_ids, progress=show)}
+        scores = evaluate(model, source, row_ids, progress=show, refine=args.refine)
+        metrics = {"data": source.name, "evaluated_on": scored, **scores}
     if args.text is not None:
         from flashsae.lm.downstream import evaluate_downstream
 

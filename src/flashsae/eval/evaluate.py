@@ -10,14 +10,18 @@ from flashsae.eval.metrics import RunningMetrics, dictionary_recovery
 
 @torch.no_grad()
 def evaluate(model, source, row_ids: np.ndarray | None = None, *, targets=None, chunk_rows: int = 8192,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, refine: int = 0) -> dict[str, float]:
     """Held-out metrics: mse and fvu (data units), fvu_standardized, l0, dead and dense fractions.
 
     `targets`: the Source of the stream the model reconstructs, for a model that reads x and writes
     another stream (the same rows as `source`); None compares the reconstruction with x itself.
     On a source with planted ground truth (synthetic) also `recovery`: the mean over planted atoms
-    of the best cosine similarity with a learned atom.
+    of the best cosine similarity with a learned atom. `refine`: projected gradient steps on the
+    values of the latents the encoder chose (`flashsae.refine`) before scoring; 0 scores the encoder's codes.
     """
+    from flashsae.refine import check_refinable, refined_forward
+
+    check_refinable(model, refine)
     was_training = model.training
     model.eval()
     device = model.W_dec.device
@@ -33,9 +37,14 @@ def evaluate(model, source, row_ids: np.ndarray | None = None, *, targets=None, 
     for chunk in chunks:
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
         y = x if wanted is None else torch.from_numpy(np.ascontiguousarray(next(wanted))).to(device)
-        out = model(model.standardizer(x))
+        x_std = model.standardizer(x)
+        if refine:
+            codes, x_hat = refined_forward(model, x_std, refine)
+        else:
+            out = model(x_std)
+            codes, x_hat = out.codes, out.x_hat
         y_std = out_std(y)
-        stats.update(y, out_std.inverse(out.x_hat), y_std, out.x_hat, out.codes)
+        stats.update(y, out_std.inverse(x_hat), y_std, x_hat, codes)
     out = stats.result()
     gt = getattr(source, "ground_truth", None)
     if gt is not None and gt.shape[1] == model.d_in:
