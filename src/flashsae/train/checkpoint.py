@@ -101,15 +101,18 @@ def save(work: Path, model, trainer, state: LoopState, comm: distributed.Comm = 
         io.write_tensors(ckpt / names[group.rank], tensors)
     if group.size > 1:
         comm.barrier()  # every shard is on disk before the index names it
-    if not comm.is_main():
-        return
-    index = {"tensors": names[0]} if group.size == 1 else {"shards": names, "latents": _whole(model).cfg.d_sae}
-    io.write_json(ckpt / io.CHECKPOINT_STATE, {**state.to_json(), **index})
-    for old in ckpt.glob("state-*.safetensors"):
-        if old.name not in names:
-            old.unlink(missing_ok=True)
-    for tmp in ckpt.glob(".*.tmp-*"):  # left by a process killed mid-write
-        tmp.unlink(missing_ok=True)
+    if comm.is_main():
+        index = {"tensors": names[0]} if group.size == 1 else {"shards": names, "latents": _whole(model).cfg.d_sae}
+        io.write_json(ckpt / io.CHECKPOINT_STATE, {**state.to_json(), **index})
+        for old in ckpt.glob("state-*.safetensors"):
+            if old.name not in names:
+                old.unlink(missing_ok=True)
+        for tmp in ckpt.glob(".*.tmp-*"):  # left by a process killed mid-write
+            tmp.unlink(missing_ok=True)
+    if group.size > 1:
+        # No rank starts writing its next shard while the main rank still removes the files this
+        # checkpoint replaced (on a loaded machine it did, and lost the new shard).
+        comm.barrier()
 
 
 def load(work: Path, model, trainer) -> LoopState:
