@@ -149,7 +149,13 @@ class ArraySource(Source):
         if not self._bfloat16:
             return self.take(rows)
         rows = _check_rows(rows, self.n_rows)
-        return _sorted_gather(rows, lambda ids: np.array(self._array[ids], dtype=np.uint16))
+
+        def gather(ids):
+            if ids.size and ids[-1] - ids[0] + 1 == ids.size:  # one contiguous run: one slice copy
+                return np.array(self._array[ids[0]:ids[-1] + 1])
+            return np.asarray(self._array[ids])  # fancy indexing already copies
+
+        return _sorted_gather(rows, gather)
 
     def stored_rows(self) -> np.ndarray | None:
         a = self._array
