@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from flashsae.errors import ConfigError
 
-STANDARDIZE_MODES = ("column", "global", "norm", "none")
+STANDARDIZE_MODES = ("auto", "column", "global", "norm", "none")
+TABLE_EXTENSIONS = (".csv", ".tsv")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +33,11 @@ class DataConfig:
     key: str | None = None
     """Array name inside a .npz or .safetensors file."""
 
-    standardize: str = "column"
-    """Standardisation fitted on the training rows: column, global, norm (mean row norm to sqrt(d)) or none."""
+    standardize: str = "auto"
+    """Standardisation fitted on the training rows: column (each column to mean 0, variance 1), global
+    (column means removed, one scale for all columns), norm (mean row norm to sqrt(d)), none, or auto:
+    column for tables (.csv, .tsv), whose columns have their own units; global for everything else
+    (activations, arrays, .npy/.npz/.safetensors files, shards, digits), whose columns share one unit."""
 
     drop_nonfinite: bool = False
     """Skip rows containing NaN or Inf instead of failing."""
@@ -82,6 +86,12 @@ class DataConfig:
                 raise ConfigError(f"image_shape must be two positive integers, got {self.image_shape}")
             object.__setattr__(self, "image_shape", shape)
 
+    def standardize_for(self, source_name: str) -> str:
+        """The standardisation a stream read from `source_name` gets (resolves "auto")."""
+        if self.standardize != "auto":
+            return self.standardize
+        return "column" if str(source_name).lower().endswith(TABLE_EXTENSIONS) else "global"
+
     def synthetic_params(self) -> dict:
         return {"rows": self.synthetic_rows, "d": self.synthetic_d, "atoms": self.synthetic_atoms,
                 "active": self.synthetic_active, "noise": self.synthetic_noise, "seed": self.synthetic_seed}
@@ -102,7 +112,8 @@ class TrainConfig:
     """Alternative to rows: number of passes over the training rows."""
 
     lr: float | None = None
-    """Learning rate; None picks 2e-4 * sqrt(16384 / d_sae) for Adam (capped at 4e-3), 10x that for SGD."""
+    """Learning rate; None picks, for Adam, 8e-4 * sqrt(16384 / d_sae) (capped at 1e-2) for top-k models
+    and 2e-4 * sqrt(16384 / d_sae) (capped at 4e-3) for penalty models; 10x that for SGD."""
 
     optimizer: str = "adam"
     """adam or sgd (with momentum 0.9)."""
@@ -118,6 +129,10 @@ class TrainConfig:
 
     sparsity_warmup: float = 0.05
     """Fraction of training over which the sparsity coefficient ramps up linearly from 0."""
+
+    resample_dead: int = 0
+    """Times, spread over the first half of training, that dead latents are re-initialised toward the
+    worst-reconstructed rows of the batch (Bricken et al., 2023); 0 never (AuxK still revives them)."""
 
     dead_after_rows: int | None = None
     """A latent that has not fired for this many training rows counts as dead (AuxK); None: min(10M, rows / 10)."""
@@ -184,6 +199,8 @@ class TrainConfig:
         for name in ("log_every", "patience", "checkpoint_every"):
             if getattr(self, name) < 0 or (name == "log_every" and self.log_every < 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.resample_dead < 0:
+            raise ConfigError(f"resample_dead must be >= 0, got {self.resample_dead}")
         if self.tensor_parallel < 1:
             raise ConfigError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.threads is not None and self.threads < 1:

@@ -50,6 +50,32 @@ def test_standardisation_modes_are_saved_and_applied(mode, small_synthetic, tmp_
     assert result.metrics["fvu"] < 0.6
 
 
+def test_auto_standardisation_is_per_column_for_tables_and_one_scale_otherwise(tmp_path):
+    import numpy as np
+
+    from flashsae.config import DataConfig
+    from flashsae.train.optim import default_lr
+
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((400, 6)) * [1, 1, 1, 1, 10, 100]).astype(np.float32)
+    np.savetxt(tmp_path / "t.csv", X, delimiter=",")
+    np.save(tmp_path / "a.npy", X)
+    small = dict(latents=16, k=2, rows=800, quiet=True)
+    modes = {}
+    for name, data in (("csv", tmp_path / "t.csv"), ("npy", tmp_path / "a.npy"), ("array", X)):
+        model, _ = flashsae.train(data, out=tmp_path / name, **small)
+        modes[name] = flashsae.load(tmp_path / name).run_config["preprocess"]["mode"]
+        assert model.standardizer.mode == modes[name]
+    assert modes == {"csv": "column", "npy": "global", "array": "global"}
+    assert DataConfig().standardize_for("acts/layer3") == "global"
+    assert DataConfig(standardize="norm").standardize_for("t.TSV") == "norm"
+    assert DataConfig().standardize_for("T.TSV") == "column"
+    assert default_lr(TrainConfig(), 16384) == pytest.approx(8e-4)
+    assert default_lr(TrainConfig(), 4096) == pytest.approx(1.6e-3)
+    assert default_lr(TrainConfig(), 64) == pytest.approx(1e-2)  # the cap
+    assert default_lr(TrainConfig(), 4096, k_limited=False) == pytest.approx(4e-4)  # penalty models
+
+
 def test_image_shape_gives_an_atom_atlas(small_synthetic, tmp_path):
     X, _ = small_synthetic  # 32 columns as 4 x 8 images
     flashsae.train(X, image_shape=(4, 8), out=tmp_path / "img", **FAST)

@@ -166,3 +166,38 @@ def test_tf32_is_on_inside_the_step_only(monkeypatch):
     monkeypatch.setattr(optim, "tf32_matmuls", lambda cfg, device: False)
     Trainer(m, TrainConfig(), total_steps=10, dead_after_rows=DEAD_AFTER).step(torch.randn(4, 6))
     assert seen == [True, before]
+
+
+def test_resample_steps_spread_over_the_first_half():
+    from flashsae.train.trainer import resample_steps
+
+    assert resample_steps(0, 100) == frozenset()
+    assert resample_steps(1, 100) == {10}
+    assert resample_steps(3, 100) == {10, 30, 50}
+
+
+def test_resampling_points_dead_latents_at_the_worst_reconstructed_row():
+    m = hand_set_model(k_aux=2)
+    tr = Trainer(m, TrainConfig(lr=1e-3, dtype="float32", resample_dead=1), total_steps=10, dead_after_rows=DEAD_AFTER)
+    x = torch.tensor([[1.0, 0.5, -0.2], [0.3, 0.1, 0.0]])
+    tr.step(x)  # Adam moments for every latent
+    enc_live = m.W_enc[[0, 1, 2, 4, 5]].norm(dim=-1).mean()
+    tr.rows_since_fired[[3]] = DEAD_AFTER
+    diff = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, -4.0]])  # x_hat - x: only row 1 is off
+    tr._resample(diff)
+    assert torch.allclose(m.W_dec[3], torch.tensor([-0.6, 0.0, 0.8]))
+    assert torch.allclose(m.W_enc[3], torch.tensor([-0.6, 0.0, 0.8]) * 0.2 * enc_live)
+    assert m.b_enc[3] == 0 and tr.rows_since_fired[3] == 0
+    state = tr.optimizer.state[m.W_dec]
+    assert state["exp_avg"][3].abs().sum() == 0 and state["exp_avg_sq"][3].abs().sum() == 0
+    assert state["exp_avg_sq"][5].abs().sum() > 0  # the latent both rows chose keeps its moments
+
+
+def test_resample_dead_bad_values():
+    from flashsae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^resample_dead must be >= 0, got -1$"):
+        TrainConfig(resample_dead=-1)
+    deep = models.build("topk", d_in=4, d_sae=8, k=2, encoder_hidden=(4,))
+    with pytest.raises(ConfigError, match="resample_dead needs a one-layer sparse autoencoder trained in one process"):
+        Trainer(deep, TrainConfig(resample_dead=2), total_steps=10, dead_after_rows=DEAD_AFTER)

@@ -10,12 +10,23 @@ import torch
 
 from flashsae.config import TrainConfig
 
+TOPK_LR_16K = 8e-4
+"""Adam's default rate at 16,384 latents for the models that cap the active latents (TopK, BatchTopK
+and their kin). Gao et al. (2024) scale 2e-4 by 1/sqrt(latents) for batches of 131k rows; at this
+trainer's 4,096 rows per step 4x that learned more per row on planted dictionaries and on digits
+(bench/quality.py; BENCHMARKS.md, "training recipe"). Penalty models keep 2e-4: their L0 follows
+the rate (at 4x a gated SAE's L0 rose to 1.6x ReLU+L1's at the same penalty, from 1.1x), and no
+ablation covered them."""
+PENALTY_LR_16K = 2e-4
 
-def default_lr(cfg: TrainConfig, d_sae: int) -> float:
-    """2e-4 / sqrt(d_sae / 16384) for Adam (Gao et al., 2024 scaling), capped at 4e-3; 10x for SGD."""
+
+def default_lr(cfg: TrainConfig, d_sae: int, *, k_limited: bool = True) -> float:
+    """TOPK_LR_16K (PENALTY_LR_16K unless `k_limited`) / sqrt(d_sae / 16384) for Adam, capped at 1e-2
+    (4e-3 for penalty models); 10x for SGD."""
     if cfg.lr is not None:
         return cfg.lr
-    lr = min(2e-4 / math.sqrt(d_sae / 16384), 4e-3)
+    base, cap = (TOPK_LR_16K, 1e-2) if k_limited else (PENALTY_LR_16K, 4e-3)
+    lr = min(base / math.sqrt(d_sae / 16384), cap)
     return lr * 10 if cfg.optimizer == "sgd" else lr
 
 

@@ -237,7 +237,8 @@ class DataPass:
             raise DataError(f"{source.name} has {len(train_ids)} training rows, fewer than one batch of {batch_size}")
         if standardizers is None:
             standardizers = {name: Standardizer.from_scan(_without(s, opened.streams[name], val_ids),
-                                                          spec.data.standardize) for name, s in scans.items()}
+                                                          spec.data.standardize_for(opened.streams[name].name))
+                             for name, s in scans.items()}
         device = comm.device(resolve_device(spec.train.device))
         return cls(opened, comm, device, scans["x"], train_ids, val_ids, batch_size, standardizers, fp,
                    spec.train.seed, spec.train.rows_on_device)

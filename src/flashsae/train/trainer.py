@@ -10,6 +10,7 @@ from torch import Tensor
 
 from flashsae.config import TrainConfig
 from flashsae.distributed import LOCAL, Comm
+from flashsae.errors import ConfigError
 from flashsae.kernels import auxk
 from flashsae.models.base import SparseAutoencoder, SparseCodes
 from flashsae.train import optim
@@ -51,7 +52,8 @@ class Trainer:
         self.total_steps = total_steps
         self.dead_after_rows = dead_after_rows
         device = model.W_dec.device
-        self.base_lr = default_lr(cfg, model.cfg.d_sae)  # all latents, also when this rank holds a shard
+        # all latents, also when this rank holds a shard
+        self.base_lr = default_lr(cfg, model.cfg.d_sae, k_limited=getattr(model, "k_limited", False))
         self.optimizer = make_optimizer(model.parameters(), cfg, self.base_lr, device)
         self.step_idx = 0
         self.rows_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=device)
@@ -64,6 +66,9 @@ class Trainer:
             self._autocast = contextlib.nullcontext
         tf32 = optim.tf32_matmuls(cfg, device)
         self._precision = lambda: optim.matmul_precision(tf32)
+        self._resample_at = resample_steps(cfg.resample_dead, total_steps)
+        if self._resample_at and (model.is_deep or not model.is_sae or comm.world_size > 1 or comm.tensor.size > 1):
+            raise ConfigError("resample_dead needs a one-layer sparse autoencoder trained in one process")
 
     @property
     def use_aux(self) -> bool:
@@ -129,10 +134,39 @@ class Trainer:
         for buf in self._trained_buffers:
             self.comm.all_reduce_mean_(buf)
         self._update_fired(out.codes, x.shape[0])
+        if self.step_idx in self._resample_at:
+            self._resample(diff.detach())
         self.step_idx += 1
         with torch.no_grad():
             var = (target - target.mean(0)).pow(2).sum(-1).mean()
         return StepMetrics(loss.detach(), mse.detach(), var, _l0(out.codes), aux_loss.detach())
+
+    @torch.no_grad()
+    def _resample(self, diff: Tensor) -> None:
+        """Point each dead latent at the residual of a batch row drawn with probability proportional to
+        its squared error (Bricken et al., 2023): decoder row = that residual's direction, encoder row the
+        same at a fifth of the live rows' mean norm, encoder bias 0, Adam moments of those rows cleared."""
+        model = self.model
+        dead = self.dead_mask().nonzero().squeeze(1)  # one host sync, at a handful of steps per run
+        if dead.numel() == 0:
+            return
+        resid = -diff  # target - x_hat, standardised
+        weights = resid.pow(2).sum(-1)
+        if not bool(weights.sum() > 0):
+            return
+        rows = torch.multinomial(weights, dead.numel(), replacement=dead.numel() > weights.numel())
+        atoms = resid[rows] / resid[rows].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        live = torch.ones(model.d_sae, dtype=torch.bool, device=dead.device)
+        live[dead] = False
+        enc_norm = model.W_enc[live].norm(dim=-1).mean() if bool(live.any()) else model.W_enc.new_ones(())
+        model.W_dec[dead] = atoms.to(model.W_dec.dtype)
+        model.W_enc[dead] = (atoms * 0.2 * enc_norm).to(model.W_enc.dtype)
+        model.b_enc[dead] = 0
+        for p in (model.W_dec, model.W_enc, model.b_enc):
+            for moment in self.optimizer.state.get(p, {}).values():
+                if moment.ndim and moment.shape[0] == model.d_sae:
+                    moment[dead] = 0
+        self.rows_since_fired[dead] = 0
 
     @torch.no_grad()
     def _update_fired(self, codes, n_rows: int) -> None:
@@ -171,6 +205,16 @@ class Trainer:
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
         self.step_idx = step_idx
+
+
+def resample_steps(times: int, total_steps: int) -> frozenset[int]:
+    """The steps at which dead latents are resampled: `times` evenly spaced over the first half of the
+    run, the first after a tenth of it (latents need that long to count as dead)."""
+    if times <= 0:
+        return frozenset()
+    start, stop = total_steps // 10, total_steps // 2
+    return frozenset(start + (stop - start) * i // max(1, times - 1) for i in range(times)) if times > 1 \
+        else frozenset({start})
 
 
 class _SumOfSquares(torch.autograd.Function):

@@ -119,8 +119,8 @@ class TrainingRun:
                     "rows_on_device": dpass.rows_go_to_device(),
                     **kernels.describe(dpass.device)}
         self.config = io.run_config(spec.architecture, model_cfg, train=cfg, data=spec.data,
-                                    preprocess={"mode": spec.data.standardize}, data_stats=dpass.data_stats(),
-                                    resolved=resolved)
+                                    preprocess={"mode": dpass.standardizers[cls.inputs[0]].mode},
+                                    data_stats=dpass.data_stats(), resolved=resolved)
         self.out = out
         self.work = None
         if out is not None and comm.is_main():  # only rank 0 writes, but for the shards of a checkpoint
