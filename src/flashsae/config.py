@@ -112,8 +112,8 @@ class TrainConfig:
     """Alternative to rows: number of passes over the training rows."""
 
     lr: float | None = None
-    """Learning rate; None picks, for Adam, 8e-4 * sqrt(16384 / d_sae) (capped at 1e-2) for top-k models
-    and 2e-4 * sqrt(16384 / d_sae) (capped at 4e-3) for penalty models; 10x that for SGD."""
+    """Learning rate; None picks 8e-4 * sqrt(16384 / d_sae) for Adam on top-k models (capped at 1e-2),
+    2e-4 * sqrt(16384 / d_sae) on penalty models (capped at 4e-3), 10x that for SGD."""
 
     optimizer: str = "adam"
     """adam or sgd (with momentum 0.9)."""
