@@ -60,25 +60,26 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run_flashsae(P: dict, X_train: torch.Tensor, X_val: torch.Tensor, truth: dict, options: dict,
-                 *, rows: int, seed: int) -> dict:
+                 *, rows: int, seed: int, refine: int = 0) -> dict:
+    """Train flashsae with `options` on top of the shape; score it, and with `refine` also the FVU of its
+    codes refined by that many projected gradient steps (`flashsae.refine`) as `fvu_refined`."""
     import flashsae
+    from flashsae.refine import refined_forward
 
     opts = dict(arch="topk", d_sae=P["d_sae"], k=P["k"], rows=rows, val_fraction=0.0, seed=seed, quiet=True,
                 out=None, eval_every=0)
-    refine = options.pop("refine", None)
     opts.update(options)
     model, result = flashsae.train(X_train.numpy(), **opts)
     model.eval()
     scores = score(model.encode, model.decode, X_val, truth, P["d_sae"])
-    if refine:  # the same model, its codes refined on the encoder's support
-        from flashsae.refine import refined_forward
-
-        def encode(x):
-            return refined_forward(model, model.standardizer(x), refine)[0].to_dense(model.d_sae)
-        scores.update({f"{k}_encoder": v for k, v in scores.items()})
-        scores.update(score(encode, model.decode, X_val, truth, P["d_sae"]))
+    if refine:
+        codes = torch.cat([refined_forward(model, model.standardizer(X_val[i:i + 4096]), refine)[0]
+                           .to_dense(model.d_sae) for i in range(0, len(X_val), 4096)])
+        x_hat = model.decode(codes).double()
+        x = X_val.double()
+        scores["fvu_refined"] = ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     return {**scores, "train_s": result.train_seconds, "rows": result.rows_seen,
-            "rows_per_s": result.rows_per_s, "lr": result.metrics.get("lr")}
+            "rows_per_s": result.rows_per_s, "standardize": model.standardizer.mode}
 
 
 @torch.no_grad()
@@ -104,7 +105,9 @@ def run_other(library: str, settings: str, P: dict, paths: dict, *, rows: int, s
                "--spec", json.dumps(spec.to_json()), "--train", paths["train"], "--val", paths["val"],
                "--truth", paths["truth"], "--out", str(out)]
         try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            # A triton without a GPU driver makes sparsify fail on the CPU; its eager path needs none.
+            env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"error": f"timeout after {timeout:.0f} s"}
         if not out.exists():
@@ -112,10 +115,21 @@ def run_other(library: str, settings: str, P: dict, paths: dict, *, rows: int, s
         r = json.loads(out.read_text())
     if r.get("error"):
         return {"error": r["error"], "settings": r.get("settings")}
-    keep = ("recovery", "recovered_09", "mcc", "precision", "recall")
+    keep = ("recovery", "recovered_09", "mcc", "mcc_dictionary", "precision", "recall")
     return {"fvu": r["fvu"], "l0": r["l0"], "dead_fraction": r["dead_fraction"], "train_s": r["train_seconds"],
             "rows": r["extra"].get("rows_trained"), "rows_per_s": r["rows_per_s"], "settings": r["settings"],
             **{k: r["extra"][k] for k in keep if k in r["extra"]}}
+
+
+def saelens_rows(P: dict, rows: int, *, seed: int, python: str):
+    """(X_train, X_val, val codes, unit atoms) drawn by SAELens's SyntheticModel (bench.saelens_synth)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [python, "-m", "bench.saelens_synth", "--features", str(P["n_atoms"]), "--d", str(P["d"]),
+               "--train-rows", str(rows), "--val-rows", str(P["val_rows"]), "--seed", str(seed), "--out", tmp]
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+        truth = np.load(f"{tmp}/truth.npz")
+        return (torch.from_numpy(np.load(f"{tmp}/train.npy")), torch.from_numpy(np.load(f"{tmp}/val.npy")),
+                torch.from_numpy(truth["codes"]), torch.from_numpy(truth["atoms"]))
 
 
 COLUMNS = ("fvu", "l0", "dead_fraction", "recovery", "recovered_09", "mcc", "precision", "recall", "rows",
@@ -123,14 +137,17 @@ COLUMNS = ("fvu", "l0", "dead_fraction", "recovery", "recovered_09", "mcc", "pre
 
 
 def table(rows: list[dict]) -> str:
-    head = "| kind | run | FVU | L0 | dead % | recovery | >0.9 % | MCC | precision | recall | rows | train s |"
-    lines = [head, "|" + "---|" * 2 + "---:|" * 10]
+    head = ("| kind | run | FVU | FVU refined | L0 | dead % | recovery | >0.9 % | MCC | MCC dict | precision "
+            "| recall | rows | train s |")
+    lines = [head, "|" + "---|" * 2 + "---:|" * 12]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['kind']} | {r['name']} | {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['kind']} | {r['name']} | {r['error'][:80]} |" + " |" * 11)
             continue
-        cells = [f"{r['fvu']:.4f}", f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}", f"{r['recovery']:.3f}",
-                 f"{100 * r['recovered_09']:.1f}", f"{r['mcc']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+        refined = f"{r['fvu_refined']:.4f}" if "fvu_refined" in r else ""
+        cells = [f"{r['fvu']:.4f}", refined, f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}",
+                 f"{r['recovery']:.3f}", f"{100 * r['recovered_09']:.1f}", f"{r['mcc']:.3f}",
+                 f"{r.get('mcc_dictionary', float('nan')):.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}",
                  f"{r['rows']:,}", f"{r['train_s']:.1f}"]
         lines.append(f"| {r['kind']} | {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -140,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--kinds", default="powerlaw", help=f"comma-separated of {','.join(synth.KINDS)}, or all")
+    p.add_argument("--kinds", default="powerlaw",
+                   help=f"comma-separated of {','.join(synth.KINDS)} and saelens (SAELens's SyntheticModel, "
+                        "generated by --python), or all")
     p.add_argument("--variants", nargs="*", default=["default"],
                    help="flashsae runs, each 'name:option=value,...' (options of flashsae.train)")
     p.add_argument("--others", default="", help="other libraries, 'library:settings,...' (settings: "
@@ -148,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=ANCHORS_PYTHON if os.path.exists(ANCHORS_PYTHON) else sys.executable,
                    help="interpreter with the other libraries installed")
     p.add_argument("--rows", type=int, help="training rows (default: the preset's)")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="also score flashsae's codes refined by STEPS projected gradient steps (FVU refined)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--equal-time", action="store_true",
                    help="also train flashsae's first variant for the slowest other library's wall time")
@@ -157,19 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     P = dict(PRESETS[args.preset])
     rows = args.rows or P["rows"]
-    kinds = synth.KINDS if args.kinds == "all" else tuple(args.kinds.split(","))
+    kinds = (*synth.KINDS, "saelens") if args.kinds == "all" else tuple(args.kinds.split(","))
     variants = [parse_variant(v) for v in args.variants]
     others = [tuple(o.split(":")) if ":" in o else (o, "defaults") for o in filter(None, args.others.split(","))]
     torch.set_num_threads(os.cpu_count() or 1)
     results = []
     for kind in kinds:
-        planted = synth.make(kind, d=P["d"], n_atoms=P["n_atoms"], active=P["active"], seed=args.seed)
-        X_train, _ = synth.sample(planted, rows, seed=args.seed + 1)
-        X_val, codes = synth.sample(planted, P["val_rows"], seed=args.seed + 2, with_codes=True)
-        truth = {"codes": codes, "atoms": planted.atoms}
+        if kind == "saelens":
+            planted = None
+            X_train, X_val, codes, atoms = saelens_rows(P, rows, seed=args.seed, python=args.python)
+        else:
+            planted = synth.make(kind, d=P["d"], n_atoms=P["n_atoms"], active=P["active"], seed=args.seed)
+            X_train, _ = synth.sample(planted, rows, seed=args.seed + 1)
+            X_val, codes = synth.sample(planted, P["val_rows"], seed=args.seed + 2, with_codes=True)
+            atoms = planted.atoms
+        truth = {"codes": codes, "atoms": atoms}
+        print(f"{kind}: true L0 {(codes > 0).sum(1).float().mean():.2f} on the held-out rows", flush=True)
         kind_rows = []
         for name, options in variants:
-            r = run_flashsae(P, X_train, X_val, truth, dict(options), rows=rows, seed=args.seed)
+            r = run_flashsae(P, X_train, X_val, truth, dict(options), rows=rows, seed=args.seed, refine=args.refine)
             kind_rows.append({"kind": kind, "name": f"flashsae {name}", "options": options, **r})
             print(table(kind_rows[-1:]).splitlines()[-1], flush=True)
         if others:
@@ -177,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                 paths = {"train": f"{tmp}/train.npy", "val": f"{tmp}/val.npy", "truth": f"{tmp}/truth.npz"}
                 np.save(paths["train"], X_train.numpy())
                 np.save(paths["val"], X_val.numpy())
-                np.savez(paths["truth"], codes=codes.numpy(), atoms=planted.atoms.numpy())
+                np.savez(paths["truth"], codes=codes.numpy(), atoms=atoms.numpy())
                 for library, settings in others:
                     r = run_other(library, settings, P, paths, rows=rows, seed=args.seed, python=args.python,
                                   timeout=args.timeout)
                     kind_rows.append({"kind": kind, "name": f"{library} {settings}", **r})
                     print(table(kind_rows[-1:]).splitlines()[-1], flush=True)
         timed = [r["train_s"] for r in kind_rows[len(variants):] if not r.get("error")]
-        if args.equal_time and timed and not kind_rows[0].get("error"):
+        if args.equal_time and timed and planted is not None and not kind_rows[0].get("error"):
             name, options = variants[0]
             budget = int(kind_rows[0]["rows_per_s"] * max(timed))
             X_more, _ = synth.sample(planted, budget, seed=args.seed + 1)  # the same rows first, then more

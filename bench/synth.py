@@ -183,13 +183,17 @@ def truth_scores(codes: Tensor, decoder: Tensor, true_codes: Tensor, atoms: Tens
         recovered_09: share of true atoms with such a cosine above 0.9;
         mcc: mean correlation between each true feature's coefficients and those of the latent
             matched to it one to one (Hungarian matching on |correlation|);
+        mcc_dictionary: the same matching on the directions instead, mean |cosine| of the matched
+            pairs (how SAELens's synthetic toolkit scores a dictionary);
         precision, recall: of the matched latent's firing against the true feature's, averaged
             over the features that fire in the held-out rows.
     """
     from scipy.optimize import linear_sum_assignment
 
     dec = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    best = (atoms @ dec.T).max(dim=1).values  # (n_atoms,)
+    cos = atoms @ dec.T  # (n_atoms, d_sae)
+    best = cos.max(dim=1).values
+    atom_rows, atom_cols = linear_sum_assignment(cos.abs().double().numpy(), maximize=True)
     corr = _corr(true_codes, codes)  # (n_atoms, d_sae)
     rows, cols = linear_sum_assignment(corr.abs().double().numpy(), maximize=True)
     matched = corr[rows, cols]
@@ -203,6 +207,7 @@ def truth_scores(codes: Tensor, decoder: Tensor, true_codes: Tensor, atoms: Tens
         "recovery": best.mean().item(),
         "recovered_09": (best > 0.9).float().mean().item(),
         "mcc": matched.abs().mean().item(),
+        "mcc_dictionary": cos[atom_rows, atom_cols].abs().mean().item(),
         "precision": precision[seen].mean().item(),
         "recall": recall[seen].mean().item(),
     }
