@@ -6,6 +6,7 @@ in which atoms fire together and how strongly:
 - uniform:    exactly `active` atoms per row, uniformly chosen, magnitudes U(0.5, 2).
 - powerlaw:   `active` distinct atoms per row, drawn with weights proportional to (i + 1)^-0.5
               (the rarest atom about 45x rarer than the most frequent).
+- steep:      as powerlaw with weights (i + 1)^-1 (the rarest atom n_atoms times rarer).
 - magnitudes: powerlaw firing; each atom has its own typical magnitude (log-normal, sd 0.5) times
               U(0.5, 1.5) per firing.
 - correlated: powerlaw marginals (atom i fires with probability p_i, `active` per row on average,
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("uniform", "powerlaw", "magnitudes", "correlated", "hierarchy", "coherent", "noisy")
+KINDS = ("uniform", "powerlaw", "steep", "magnitudes", "correlated", "hierarchy", "coherent", "noisy")
 ZIPF = 0.5
 FAMILY = 8
 CHILD_GIVEN_PARENT = 0.3
@@ -65,7 +66,7 @@ def make(kind: str, *, d: int, n_atoms: int, active: int, noise: float = 0.02, s
         atoms = atoms / math.sqrt(d) + 0.6 * torch.randn(n_atoms, 8, generator=gen) @ shared / math.sqrt(8)
     atoms = atoms / atoms.norm(dim=1, keepdim=True)
     rank = torch.arange(n_atoms, dtype=torch.float64)
-    p = (rank + 1) ** -ZIPF
+    p = (rank + 1) ** -(1.0 if kind == "steep" else ZIPF)
     p = p[torch.randperm(n_atoms, generator=gen)]  # rare atoms anywhere in the index order
     loadings = None
     if kind == "hierarchy":
