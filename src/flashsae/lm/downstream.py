@@ -32,9 +32,7 @@ from flashsae.lm.corpus import iter_contexts
 def reconstruct(sae, x: Tensor) -> Tensor:
     """The model's output for raw activation rows x (rows, d_in), in x's dtype: the SAE's
     reconstruction of x, or a transcoder's estimate of its target."""
-    x32 = x.float()
-    x_hat = sae.out_standardizer.inverse(sae(sae.standardizer(x32)).x_hat)  # in the target's units
-    return x_hat.to(x.dtype)
+    return sae.reconstruct(x.float()).to(x.dtype)
 
 
 @contextlib.contextmanager
@@ -104,7 +102,8 @@ def downstream_metrics(sae, model, tokenizer, hook: str | Sequence[str], text, *
         DataError: the model's widths do not match the modules, or the corpus has no contexts left.
     """
     reads = [hook] if isinstance(hook, str) else list(hook)
-    writes = reads if not target_hook else [target_hook] if isinstance(target_hook, str) else list(target_hook)
+    transcodes = bool(target_hook)  # reads some modules and writes others
+    writes = [target_hook] if isinstance(target_hook, str) else list(target_hook) if transcodes else reads
     read_modules = [A.find_module(model, h) for h in reads]
     write_modules = [A.find_module(model, h) for h in writes]
     device = next(model.parameters()).device
@@ -120,7 +119,7 @@ def downstream_metrics(sae, model, tokenizer, hook: str | Sequence[str], text, *
     with contextlib.ExitStack() as stack:
         for module, state in zip(write_modules, states):
             stack.enter_context(splice(module, state))
-        for i, module in enumerate(read_modules if writes is not reads else []):
+        for i, module in enumerate(read_modules if transcodes else []):
             stack.enter_context(_read(module, read, i))
         bar = stack.enter_context(tqdm(total=n_contexts, unit="contexts", desc="downstream", disable=not progress))
         for ids in _batches(text, tokenizer, context, start_context, n_contexts, batch):
@@ -130,10 +129,10 @@ def downstream_metrics(sae, model, tokenizer, hook: str | Sequence[str], text, *
                 state["mask"], state["fn"] = mask, None
             clean = _outputs(model, ids, causal)
             y_parts = [state.pop("clean")[mask] for state in states]
-            x_parts = y_parts if writes is reads else [read[i][mask] for i in range(len(reads))]
+            x_parts = [read[i][mask] for i in range(len(reads))] if transcodes else y_parts
             x, y = torch.cat(x_parts, -1), torch.cat(y_parts, -1)
             if x.shape[-1] != sae.d_in or y.shape[-1] != sae.d_out:
-                if len(reads) == 1 and writes is reads:
+                if len(reads) == 1 and not transcodes:
                     raise DataError(f"module {reads[0]!r} outputs width {x.shape[-1]} but the model expects "
                                     f"{sae.d_in}")
                 widths = ", ".join(f"{h!r} {p.shape[-1]}" for h, p in zip([*reads, *writes], [*x_parts, *y_parts]))

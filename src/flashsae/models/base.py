@@ -233,7 +233,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x) -> Tensor:
-        return self.decode(self.encode(x))
+        """The model's output for raw rows, in its target's units: one forward pass (a transcoder's
+        skip path included), not an encode and a second decode."""
+        return self.out_standardizer.inverse(self(self.standardizer(self._as_input(x))).x_hat)
 
     def _as_input(self, x) -> Tensor:
         from flashsae.errors import DataError

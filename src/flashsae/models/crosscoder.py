@@ -49,10 +49,14 @@ class Layered:
     def layer_width(self) -> int:
         return self.d_out // self.cfg.layers
 
+    def decoder_layer_norms(self) -> Tensor:
+        """(d_sae, layers): the norm of each latent's decoder atom in each layer, with its gradient."""
+        return self.W_dec.view(self.d_sae, self.cfg.layers, self.layer_width).norm(dim=-1)
+
     @torch.no_grad()
     def layer_norms(self) -> Tensor:
         """(d_sae, layers): the norm of each latent's decoder atom in each layer."""
-        return self.W_dec.view(self.d_sae, self.cfg.layers, self.layer_width).norm(dim=-1)
+        return self.decoder_layer_norms()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +84,7 @@ class Crosscoder(Layered, SparseAutoencoder):
     def forward(self, x: Tensor, *, aux_mask: Tensor | None = None) -> ForwardOutput:
         codes = torch.relu(self.pre_acts(x))
         x_hat = self.decode_dense(codes)
-        layers, width = self.cfg.layers, self.layer_width
-        norms = self.W_dec.view(self.d_sae, layers, width).norm(dim=-1).sum(-1)  # with gradient
-        penalty = self.cfg.l1 * (codes @ norms).mean()
+        penalty = self.cfg.l1 * (codes @ self.decoder_layer_norms().sum(-1)).mean()
         return ForwardOutput(x_hat, codes, penalty)
 
 

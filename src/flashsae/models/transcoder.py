@@ -71,14 +71,6 @@ class Transcoder:
             return out
         return out._replace(x_hat=out.x_hat + skip, extra=tuple(e + skip for e in out.extra))
 
-    @torch.no_grad()
-    def reconstruct(self, x) -> Tensor:
-        """The transcoder's output for raw rows of x, in y's units (the skip path included)."""
-        x_std = self.standardizer(self._as_input(x))
-        y_std = self.decode_dense(self.encode_std(x_std))
-        skip = self.skip_path(x_std)
-        return self.out_standardizer.inverse(y_std if skip is None else y_std + skip)
-
 
 def _transcoder(name: str, base: type[SparseAutoencoder], mechanism: str,
                 saelens: tuple[str | None, str | None] = (None, None), refusal: str = "") -> type[SparseAutoencoder]:
