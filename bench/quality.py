@@ -98,14 +98,16 @@ def score(encode_fn, decode_fn, X_val: torch.Tensor, truth: dict, d_sae: int, bl
 
 
 def run_other(library: str, settings: str, P: dict, paths: dict, *, rows: int, seed: int, python: str,
-              timeout: float) -> dict:
-    spec = BenchSpec(arch="topk", d_in=P["d"], d_sae=P["d_sae"], k=P["k"], batch_size=4096, lr=OTHER_LR,
-                     n_train_rows=rows, device="cpu", dtype="float32", seed=seed)
+              timeout: float, spec: BenchSpec | None = None) -> dict:
+    """One other library on the rows at paths["train"], scored on paths["val"] (and against the planted
+    truth at paths["truth"] when it is given), in its own subprocess."""
+    spec = spec or BenchSpec(arch="topk", d_in=P["d"], d_sae=P["d_sae"], k=P["k"], batch_size=4096, lr=OTHER_LR,
+                             n_train_rows=rows, device="cpu", dtype="float32", seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [python, "-m", "bench.anchors.run_one", "--library", library, "--settings", settings,
                "--spec", json.dumps(spec.to_json()), "--train", paths["train"], "--val", paths["val"],
-               "--truth", paths["truth"], "--out", str(out)]
+               "--out", str(out)] + (["--truth", paths["truth"]] if paths.get("truth") else [])
         try:
             # A triton without a GPU driver makes sparsify fail on the CPU; its eager path needs none.
             env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}

@@ -14,6 +14,7 @@ LIBRARIES = {
     "sparsify": "bench.anchors.sparsify",
     "dictionary_learning": "bench.anchors.dictionary_learning",
     "sklearn": "bench.anchors.sklearn_mbdl",
+    "plain": "bench.anchors.plain",
 }
 
 
