@@ -6,9 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 import flashsae
-from flashsae import interop, io, models
+from flashsae import interop, models
 from flashsae.errors import ArtifactError, ConfigError
-from flashsae.preprocess import Standardizer
 
 D_IN, D_SAE = 12, 48
 EXPORTABLE = [name for name in models.names() if models.get(name).saelens_architecture is not None]
@@ -18,27 +17,10 @@ def small_options(arch: str) -> dict:
     return {"k": 5} if arch in models.options().get("k", {}) else {}
 
 
-def saved_run(path, arch: str, *, standardize: str = "column", **options):
-    """A randomly initialised model with a fitted-looking standardiser, saved as a run directory."""
-    torch.manual_seed(0)
-    std = Standardizer(D_IN, standardize)
-    if standardize != "none":
-        std.mean.copy_(torch.randn(D_IN))
-        std.scale.copy_(torch.rand(D_IN) + 0.5)
-    model = flashsae.build(arch, standardizer=std, d_in=D_IN, d_sae=D_SAE, **options)
-    with torch.no_grad():
-        model.b_enc.normal_(0, 0.3)
-        model.b_dec.normal_(0, 0.3)
-        if hasattr(model, "log_threshold"):  # jumprelu: thresholds that zero some codes
-            model.log_threshold.copy_(torch.rand(D_SAE).add(0.2).log())
-        if isinstance(getattr(model, "threshold", None), torch.Tensor):  # batchtopk
-            model.threshold.fill_(0.4)
-    config = interop._run_config(model, {"format": "test"})
-    config["preprocess"] = {"mode": standardize}
-    work = io.prepare_out(path, overwrite=True, resume=False)
-    io.save_model(work, model, config)
-    io.finalize(work, path)
-    return flashsae.load(path)
+@pytest.fixture
+def saved_run(hand_built_run):
+    """save(path, arch, **options): a hand-built model of this file's sizes, saved as a run and loaded back."""
+    return lambda path, arch, **options: hand_built_run(path, arch, d_in=D_IN, d_sae=D_SAE, **options)
 
 
 def rows(n=200):
@@ -54,7 +36,7 @@ def test_every_saelens_architecture_exported_has_one_importer():
 
 @pytest.mark.parametrize("arch", EXPORTABLE)
 @pytest.mark.parametrize("standardize", ["none", "column"])
-def test_export_import_round_trip(tmp_path, arch, standardize):
+def test_export_import_round_trip(tmp_path, arch, standardize, saved_run):
     model = saved_run(tmp_path / "run", arch, standardize=standardize, **small_options(arch))
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
@@ -78,7 +60,7 @@ def test_export_import_round_trip(tmp_path, arch, standardize):
     torch.testing.assert_close(back.decode(back_codes), model.decode(codes), atol=1e-4, rtol=1e-4)
 
 
-def test_imported_run_works_with_the_rest_of_flashsae(tmp_path, capsys):
+def test_imported_run_works_with_the_rest_of_flashsae(tmp_path, capsys, saved_run):
     saved_run(tmp_path / "run", "topk", k=5)
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     from flashsae.cli import main
@@ -116,7 +98,7 @@ def test_sparsify_import_matches_its_encoder(tmp_path):
     torch.testing.assert_close(model.decode(want), want @ t["W_dec"] + t["b_dec"])
 
 
-def test_import_errors(tmp_path):
+def test_import_errors(tmp_path, saved_run):
     sparsify_dir(tmp_path / "gm", activation="groupmax")
     with pytest.raises(ArtifactError, match="groupmax"):
         interop.import_dir(tmp_path / "gm", tmp_path / "r1")
@@ -172,7 +154,7 @@ def test_saelens_variants_fold_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("arch", EXPORTABLE)
-def test_real_saelens_loads_the_export(tmp_path, arch):
+def test_real_saelens_loads_the_export(tmp_path, arch, saved_run):
     sae_lens = pytest.importorskip("sae_lens")
     model = saved_run(tmp_path / "run", arch, **small_options(arch))
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")

@@ -6,38 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import flashsae
-from flashsae import interop, io, models
+from flashsae import interop, models
 from flashsae.errors import ConfigError
-from flashsae.preprocess import Standardizer
 
 D_IN, D_OUT, D_SAE = 10, 7, 40
 
 
-def saved_transcoder(path, arch: str, *, skip: bool, standardize: str = "column", **options):
-    """A random transcoder with fitted-looking standardisations of x and y, saved as a run directory."""
-    torch.manual_seed(0)
-    std = Standardizer(D_IN, standardize)
-    model = flashsae.build(arch, standardizer=std, d_in=D_IN, d_out=D_OUT, d_sae=D_SAE, skip=skip, **options)
-    with torch.no_grad():
-        if standardize != "none":
-            for s, d in ((model.standardizer, D_IN), (model.target_standardizer, D_OUT)):
-                s.mean.copy_(torch.randn(d))
-                s.scale.copy_(torch.rand(d) + 0.5)
-        model.b_enc.normal_(0, 0.3)
-        model.b_dec.normal_(0, 0.3)
-        if skip:
-            model.W_skip.normal_(0, 0.3)
-        if hasattr(model, "log_threshold"):
-            model.log_threshold.copy_(torch.rand(D_SAE).add(0.2).log())
-        if isinstance(getattr(model, "threshold", None), torch.Tensor):
-            model.threshold.fill_(0.4)
-    config = interop._run_config(model, {"format": "test"})
-    config["preprocess"] = {"mode": standardize}
-    work = io.prepare_out(path, overwrite=True, resume=False)
-    io.save_model(work, model, config)
-    io.finalize(work, path)
-    return flashsae.load(path)
+def saved_transcoder(save, path, arch: str, *, skip: bool, standardize: str = "column", **options):
+    return save(path, arch, standardize=standardize, d_in=D_IN, d_out=D_OUT, d_sae=D_SAE, skip=skip, **options)
 
 
 def saelens_transcoder_forward(cfg: dict, w: dict, x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +40,9 @@ CASES = [("relu-l1-transcoder", False, "transcoder"), ("relu-l1-transcoder", Tru
 
 @pytest.mark.parametrize("arch, skip, saelens_arch", CASES)
 @pytest.mark.parametrize("standardize", ["none", "column"])
-def test_transcoder_export_reproduces_reconstruct(tmp_path, arch, skip, saelens_arch, standardize):
+def test_transcoder_export_reproduces_reconstruct(tmp_path, arch, skip, saelens_arch, standardize, hand_built_run):
     options = {"k": 5} if "topk" in arch else {}
-    model = saved_transcoder(tmp_path / "run", arch, skip=skip, standardize=standardize, **options)
+    model = saved_transcoder(hand_built_run, tmp_path / "run", arch, skip=skip, standardize=standardize, **options)
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     w = {k: v.double() for k, v in load_file(tmp_path / "sl" / "sae_weights.safetensors").items()}
@@ -83,8 +59,8 @@ def test_transcoder_export_reproduces_reconstruct(tmp_path, arch, skip, saelens_
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_topk_transcoder_export_refuses_in_one_line(tmp_path):
-    saved_transcoder(tmp_path / "run", "transcoder", skip=False, k=5)
+def test_topk_transcoder_export_refuses_in_one_line(tmp_path, hand_built_run):
+    saved_transcoder(hand_built_run, tmp_path / "run", "transcoder", skip=False, k=5)
     with pytest.raises(ConfigError) as e:
         interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     msg = str(e.value)
@@ -101,9 +77,9 @@ def test_crosscoders_and_clts_are_refused_and_transcoders_listed(tmp_path):
 
 
 @pytest.mark.parametrize("arch, skip, saelens_arch", CASES[:4])
-def test_saelens_loads_the_transcoder_export(tmp_path, arch, skip, saelens_arch):
+def test_saelens_loads_the_transcoder_export(tmp_path, arch, skip, saelens_arch, hand_built_run):
     sae_lens = pytest.importorskip("sae_lens")
-    model = saved_transcoder(tmp_path / "run", arch, skip=skip)
+    model = saved_transcoder(hand_built_run, tmp_path / "run", arch, skip=skip)
     interop.export_saelens(tmp_path / "run", tmp_path / "sl")
     try:
         sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"), device="cpu")
