@@ -1,6 +1,7 @@
 """Trainer.step: the AuxK loss against a plain-PyTorch AuxK, no host sync with AuxK on, TF32 scoping."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashsae import kernels, models
 from flashsae.config import TrainConfig
@@ -98,24 +99,48 @@ def test_a_candidate_that_fired_since_the_refresh_is_not_selected():
 
 
 FORBIDDEN = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+AUXK_ARCHS = sorted(models.options()["k_aux"])  # every architecture with an AuxK loss
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+class _NoScalarReads(TorchDispatchMode):
+    """Fails when any op reads a tensor's value back to the host (aten._local_scalar_dense), also when
+    C++ code, not Python, does it (an int(tensor) inside a torch function). Data-dependent sizes
+    (nonzero) are allowed: the CPU reference kernels use them on purpose, the GPU kernels do not."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_local_scalar_dense":
+            raise AssertionError("host sync inside Trainer.step: a scalar read back")
+        return func(*args, **(kwargs or {}))
+
+
+def _aux_model(arch):
+    kw = {"k": 3}
+    if "layers" in models.options() and arch in models.options()["layers"]:
+        kw["layers"] = 2  # 12 columns as 2 layers of 6
+    return models.build(arch, d_in=12, d_sae=80, **kw)
+
+
+@pytest.mark.parametrize("arch", AUXK_ARCHS)
 @pytest.mark.parametrize("n_dead", [3, 60])  # few (k_aux capped, gathered columns) and many (whole rows)
 def test_an_auxk_step_makes_no_host_sync(arch, n_dead, monkeypatch):
-    """With AuxK on, the step still never reads a value back to Python; only refresh_aux does."""
+    """With AuxK on, the step still never reads a value back to Python; only refresh_aux does.
+
+    Checked twice: Python-level reads (`.item()`, `bool(t)`, ...) and, below Python, any scalar read
+    back by an aten op."""
     torch.manual_seed(0)
-    m = models.build(arch, d_in=12, d_sae=80, k=3)
+    m = _aux_model(arch)
     tr = trainer_with_dead(m, torch.randperm(80)[:n_dead])
     assert tr.use_aux
 
     def forbid(*a, **k):
         raise AssertionError("host sync inside Trainer.step")
 
-    x = torch.randn(32, 12)
+    x = {name: torch.randn(32, 12) for name in {*m.inputs, *m.targets}}  # a transcoder reads x, writes y
+    tr.step(x)  # first step: lazy set-up may read values once
     for name in FORBIDDEN:
         monkeypatch.setattr(torch.Tensor, name, forbid)
-    metrics = [tr.step(x) for _ in range(2)]
+    with _NoScalarReads():
+        metrics = [tr.step(x) for _ in range(2)]
     monkeypatch.undo()
     assert all(float(s.aux) > 0 for s in metrics)
 
