@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from flashsae.data import BatchIterator, open_source
-from flashsae.data.device import to_device
+from flashsae.data.device import RING, to_device
 from flashsae.data.sources import ArraySource
 
 
@@ -79,7 +79,9 @@ def test_bf16_rows_travel_as_bf16_and_are_widened_on_arrival(x, tmp_path, where)
     it = BatchIterator(src, np.arange(1000), 64, seed=2, chunk_rows=300, keep=1, stored=True)
     raw = [b.copy() for b in it.epoch(0)]
     assert all(b.dtype == np.uint16 for b in raw)
-    got = list(to_device(it.epoch(0), torch.device("cpu")))
+    arrived = list(to_device(it.epoch(0), torch.device("cpu")))  # widened into RING reused buffers
+    assert len({t.data_ptr() for t in arrived}) == RING
+    got = [t.clone() for t in to_device(it.epoch(0), torch.device("cpu"))]  # copied on arrival
     want = [widened[ids] for ids in it.plan(0)]
     for r, g, w in zip(raw, got, want, strict=True):
         assert g.dtype == torch.float32
@@ -102,3 +104,56 @@ def test_in_memory_bf16_bits_are_gathered_as_they_are(x):
 def test_row_ids_outside_the_source_are_refused(x):
     with pytest.raises(IndexError, match=r"row ids must lie in \[0, 1000\), got \[0, 1000\]"):
         BatchIterator(open_source(x), np.arange(1001), 10, seed=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_a_gather_split_over_threads_gives_the_same_batch(threads, monkeypatch):
+    from flashsae.data import batching
+
+    monkeypatch.setattr(batching, "GATHER_SPLIT_BYTES", 1)  # split even these small batches
+    rows = np.random.default_rng(3).normal(size=(500, 7)).astype(np.float32)
+    ids = np.random.default_rng(4).permutation(500)[:301]
+    out = np.full((301, 7), np.nan, np.float32)
+    assert batching.take_rows(rows, ids, out, threads) is out
+    np.testing.assert_array_equal(out, rows[ids])
+
+
+def test_the_batches_do_not_depend_on_the_gather_threads_or_the_ring_kept_between_epochs(x, tmp_path, monkeypatch):
+    from flashsae.data import batching
+
+    monkeypatch.setattr(batching, "GATHER_SPLIT_BYTES", 1)
+    for kind, src in _sources(x, tmp_path).items():
+        one = BatchIterator(src, np.arange(1000), 64, seed=7, chunk_rows=300, keep=1, gather_threads=1)
+        three = BatchIterator(src, np.arange(1000), 64, seed=7, chunk_rows=300, keep=1, gather_threads=3)
+        for epoch in (0, 1, 2):  # the ring and the window buffer are reused from epoch to epoch
+            a = [b.copy() for b in one.epoch(epoch)]
+            b = [b.copy() for b in three.epoch(epoch)]
+            want = [x[ids] for ids in one.plan(epoch)]
+            assert len(a) == len(b) == len(want) == 15, kind
+            for u, v, w in zip(a, b, want):
+                np.testing.assert_array_equal(u, w)
+                np.testing.assert_array_equal(v, w)
+        assert one._ring is not None  # handed back for the next epoch
+
+
+def test_an_epoch_starts_in_the_ring_after_the_previous_epochs_last_batch(x):
+    it = BatchIterator(open_source(x), np.arange(1000), 100, seed=0, prefetch=0, keep=1)
+    first = list(it.epoch(0))  # 10 batches, a ring of 3 buffers
+    second = next(iter(it.epoch(1)))
+    assert not np.shares_memory(second, first[-1])  # its copy to the device may still be in flight
+    assert np.shares_memory(second, first[-3])
+
+
+@pytest.mark.parametrize("where", ["rows.safetensors", "shards", "f64.npy", "memory"])
+def test_take_into_writes_what_take_reads(x, tmp_path, where):
+    _bf16_rows(x, tmp_path)
+    np.save(tmp_path / "f64.npy", x.astype(np.float64))
+    src = open_source(x) if where == "memory" else open_source(tmp_path / where)
+    rng = np.random.default_rng(0)
+    for ids in (np.arange(250, 650), np.sort(rng.choice(1000, 300, replace=False)), rng.permutation(1000)[:77],
+                np.zeros(0, np.int64)):
+        for stored in (False, True):
+            want = src.take_stored(ids) if stored else src.take(ids)
+            out = np.empty_like(want)
+            assert src.take_into(ids, out, stored=stored) is out
+            np.testing.assert_array_equal(out, want)

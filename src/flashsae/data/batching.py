@@ -12,9 +12,11 @@ Imports only `errors`; never imports preprocess, models, trainer or cli.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -92,16 +94,20 @@ class BatchIterator:
             on the training device) instead of float32.
         allocate: makes the ring's buffers, `allocate(shape, numpy_dtype) -> ndarray` (page-locked
             memory for a CUDA device); default `np.empty`.
+        gather_threads: threads that gather each batch's rows side by side (each writes its own
+            consecutive part of the batch, so the batch is the same for any count); default
+            min(4, cores). Batches under 4 MiB are gathered on the reader thread alone.
 
     Rows of a source held in memory (`Source.stored_rows`) are gathered straight from it into the
-    batch; rows in files are read a block of sorted ids at a time (near-sequential access) and the
-    batches gathered from the window. Either way each row is written once per batch.
+    batch; rows in files are read a block of sorted ids at a time (near-sequential access) into one
+    reused window buffer, after the rows carried over, and the batches gathered from the window.
+    Either way each row is written once per batch, split over `gather_threads` for a large batch.
     """
 
     def __init__(self, source, row_ids: np.ndarray, batch_size: int, *, seed: int,
                  chunk_rows: int = 262_144, shuffle: bool = True, prefetch: int = 2,
                  drop_last: bool = True, shard: tuple[int, int] = (0, 1), keep: int | None = None,
-                 stored: bool = False, allocate=None):
+                 stored: bool = False, allocate=None, gather_threads: int | None = None):
         for name, value, low in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1),
                                  ("prefetch", prefetch, 0), ("keep", 0 if keep is None else keep, 0)):
             if value < low:
@@ -124,7 +130,12 @@ class BatchIterator:
         self.keep = keep
         self.stored = stored and getattr(source, "storage", "float32") != "float32"
         self.allocate = allocate or np.empty
+        self.gather_threads = min(4, _cores()) if gather_threads is None else gather_threads
+        if self.gather_threads < 1:
+            raise ConfigError(f"gather_threads must be >= 1, got {gather_threads}")
         self._blocks = [self.row_ids[i:i + chunk_rows] for i in range(0, len(self.row_ids), chunk_rows)]
+        self._window_rows: np.ndarray | None = None
+        self._ring: tuple[list, list] | None = None  # (buffers, [batches written]) between epochs
 
     def batches_per_epoch(self) -> int:
         n, b = len(self.row_ids), self.batch_size
@@ -211,13 +222,28 @@ class BatchIterator:
     def _batches(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
         """The batch sequence; the plan uses ids only, data is read only for batches yielded."""
         out = self._outputs()
+        try:
+            yield from self._read_batches(epoch, start_batch, out)
+        finally:
+            release = getattr(out, "release", None)
+            if release is not None:
+                release()
+
+    def _read_batches(self, epoch: int, start_batch: int, out) -> Iterator[np.ndarray]:
         rows = getattr(self.source, "stored_rows", lambda: None)()  # duck-typed sources may lack it
         rows = rows if self.stored else _float32(rows)
         if rows is not None:  # in memory: every batch gathered straight from the rows
             for ids in self.plan(epoch, start_batch):
-                yield np.take(rows, ids, axis=0, out=out(len(ids)), mode="clip")  # ids checked in __init__
+                yield take_rows(rows, ids, out(len(ids)), self.gather_threads)  # ids checked in __init__
             return
         take = self.source.take_stored if self.stored else self.source.take
+        window, self._window_rows = self._window(), None  # a second epoch read at once gets its own
+        try:
+            yield from self._file_batches(epoch, start_batch, take, window, out)
+        finally:
+            self._window_rows = window
+
+    def _file_batches(self, epoch: int, start_batch: int, take, window: np.ndarray, out) -> Iterator[np.ndarray]:
         bs = self.batch_size
         carry = None  # data of the rows carried into the next window, None when not read (skipped)
         left = np.zeros(0, np.int64)  # ids of those rows
@@ -230,32 +256,60 @@ class BatchIterator:
                 continue
             if carry is None:
                 carry = take(carry_ids)
-            block = take(ids)
+            n_carry = len(carry_ids)
+            rows = window[:n_carry + len(ids)]  # the window [carry; block], in one reused buffer
+            rows[:n_carry] = carry
+            self._read_into(ids, rows[n_carry:])
             lo, hi = self._my_rows(bs)
             for i in range(max(0, start_batch - emitted), n_full):
-                yield _gather(carry, block, perm[i * bs + lo:i * bs + hi], out(hi - lo))
-            carry = _gather(carry, block, rest, np.empty((len(rest), block.shape[1]), block.dtype))
+                yield take_rows(rows, perm[i * bs + lo:i * bs + hi], out(hi - lo), self.gather_threads)
+            carry = np.take(rows, rest, axis=0)  # fewer than batch_size rows, read before the next block
             emitted += n_full
-            del block  # free the window before the next read
         if not self.drop_last and len(left) and emitted >= start_batch:
             lo, hi = self._my_rows(len(left))
             yield carry[lo:hi] if carry is not None else take(left[lo:hi])
 
+    def _window(self) -> np.ndarray:
+        """The reused buffer one window of rows is read into: a block and the rows carried into it
+        (fewer than a batch). Kept by the iterator, so no epoch allocates (or faults in) a new one."""
+        dtype = np.uint16 if self.stored else np.float32
+        shape = (min(self.chunk_rows, len(self.row_ids)) + self.batch_size, self.source.d_in)
+        if self._window_rows is None or self._window_rows.shape != shape:
+            self._window_rows = np.empty(shape, dtype)
+        return self._window_rows
+
+    def _read_into(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """Rows `ids` (ascending: one block) of the source written into `out`."""
+        into = getattr(self.source, "take_into", None)  # duck-typed sources may lack it
+        if into is not None:
+            into(ids, out, stored=self.stored)
+        else:
+            out[...] = (self.source.take_stored if self.stored else self.source.take)(ids)
+
     def _outputs(self):
-        """`out(n)`: the array the next n-row batch is written into (see `keep`)."""
+        """`out(n)`: the array the next n-row batch is written into (see `keep`).
+
+        The ring is kept by the iterator from one epoch to the next (no epoch allocates, faults in or
+        pins its buffers again), and so is its position: the first batch of an epoch does not
+        overwrite the buffer of the previous epoch's last batch, whose copy may still be in flight.
+        An epoch read while another is being read gets a ring of its own."""
         dtype = np.uint16 if self.stored else np.float32
         shape = (self._my_rows(self.batch_size)[1] - self._my_rows(self.batch_size)[0], self.source.d_in)
         if self.keep is None:
             return lambda n: np.empty((n, shape[1]), dtype)
-        ring = [self.allocate(shape, dtype) for _ in range(self.keep + self.prefetch + 2)]
-        count = [0]
+        size = self.keep + self.prefetch + 2
+        ring, self._ring = self._ring, None
+        if ring is None or len(ring[0]) != size or ring[0][0].shape != shape or ring[0][0].dtype != dtype:
+            ring = ([self.allocate(shape, dtype) for _ in range(size)], [0])
+        buffers, count = ring
 
         def out(n: int) -> np.ndarray:
             if n != shape[0]:
                 return np.empty((n, shape[1]), dtype)  # the final partial batch
             count[0] += 1
-            return ring[count[0] % len(ring)]
+            return buffers[count[0] % size]
 
+        out.release = lambda: setattr(self, "_ring", ring)
         return out
 
     def _my_rows(self, n: int) -> tuple[int, int]:
@@ -264,16 +318,35 @@ class BatchIterator:
         return rank * n // world, (rank + 1) * n // world
 
 
-def _gather(carry: np.ndarray, block: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Rows `idx` of the virtual concatenation [carry; block] written into `out`, without building it."""
-    n_carry = len(carry)
-    from_carry = idx < n_carry
-    if from_carry.any():
-        out[from_carry] = carry[idx[from_carry]]
-        out[~from_carry] = block[idx[~from_carry] - n_carry]
-    else:
-        np.take(block, idx - n_carry, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
+GATHER_SPLIT_BYTES = 4 << 20
+"""A batch gather of at least this many bytes is split over `gather_threads` threads."""
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def take_rows(rows: np.ndarray, ids: np.ndarray, out: np.ndarray, threads: int = 1) -> np.ndarray:
+    """`np.take(rows, ids, axis=0, out=out)` with the ids split into `threads` consecutive parts, each
+    gathered on its own thread (np.take releases the GIL); `out` is the same whatever `threads` is.
+    Ids must lie in range (they are not checked)."""
+    n = len(ids)
+    parts = min(threads, n * out.itemsize * out.shape[1] // GATHER_SPLIT_BYTES) if n else 1
+    if parts <= 1:
+        return np.take(rows, ids, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
+    with _pool_lock:
+        pool = _pools.get(parts - 1)
+        if pool is None:
+            pool = _pools[parts - 1] = ThreadPoolExecutor(parts - 1, thread_name_prefix="flashsae-gather")
+    cuts = [n * i // parts for i in range(parts + 1)]
+    jobs = [pool.submit(np.take, rows, ids[a:b], 0, out[a:b], "clip") for a, b in zip(cuts[1:-1], cuts[2:])]
+    np.take(rows, ids[:cuts[1]], axis=0, out=out[:cuts[1]], mode="clip")
+    for job in jobs:
+        job.result()
     return out
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _float32(rows: np.ndarray | None) -> np.ndarray | None:

@@ -79,6 +79,13 @@ class Source:
         read-only view, never a copy), or None when the rows are in a file or must be converted."""
         return None
 
+    def take_into(self, rows: np.ndarray, out: np.ndarray, *, stored: bool = False) -> np.ndarray:
+        """`take` (or `take_stored` when `stored`) written into `out`, a C-contiguous (len(rows), d_in)
+        float32 (or storage-form) array, which is returned. Sources that can read straight into it
+        (arrays and memory-mapped files, for ascending `rows`) allocate nothing."""
+        out[...] = self.take_stored(rows) if stored else self.take(rows)
+        return out
+
     def __len__(self) -> int:
         return self.n_rows
 
@@ -157,6 +164,25 @@ class ArraySource(Source):
 
         return _sorted_gather(rows, gather)
 
+    def take_into(self, rows: np.ndarray, out: np.ndarray, *, stored: bool = False) -> np.ndarray:
+        rows = _check_rows(rows, self.n_rows)
+        if rows.size > 1 and not np.all(rows[1:] >= rows[:-1]):
+            return super().take_into(rows, out, stored=stored)  # sorted by take, then reordered
+        a = self._array
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # one contiguous run: a slice
+            part = a[rows[0]:rows[-1] + 1]
+        elif a.dtype == out.dtype:  # ascending ids: near-sequential reads straight into `out`
+            return np.take(a, rows, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
+        else:
+            part = a[rows]
+        if self._bfloat16 and not stored:  # bf16 bits are the top half of a float32
+            bits = out.view(np.uint32)
+            bits[...] = part
+            bits <<= 16
+        else:
+            out[...] = part  # converted to float32 on the way when the file holds another dtype
+        return out
+
     def stored_rows(self) -> np.ndarray | None:
         a = self._array
         dtype = np.uint16 if self._bfloat16 else np.float32
@@ -210,6 +236,18 @@ class ShardedSource(Source):
 
     def take_stored(self, rows: np.ndarray) -> np.ndarray:
         return self._take(rows, stored=self.storage != "float32")
+
+    def take_into(self, rows: np.ndarray, out: np.ndarray, *, stored: bool = False) -> np.ndarray:
+        rows = _check_rows(rows, self.n_rows)
+        stored = stored and self.storage != "float32"
+        if rows.size > 1 and not np.all(rows[1:] >= rows[:-1]):
+            return super().take_into(rows, out, stored=stored)
+        cuts = np.searchsorted(rows, self._offsets)  # ascending: each shard's rows are one run of `rows`
+        for i, s in enumerate(self._shards):
+            a, b = int(cuts[i]), int(cuts[i + 1])
+            if b > a:
+                s.take_into(rows[a:b] - self._offsets[i], out[a:b], stored=stored)
+        return out
 
     def _take(self, rows: np.ndarray, *, stored: bool) -> np.ndarray:
         rows = _check_rows(rows, self.n_rows)
