@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     x = load_digits()
     source = ArraySource(x, "digits")
     _, val_ids = split_rows(len(x), np.zeros(0, np.int64), val_fraction=0.1, seed=0)
-    print("| run | options | held-out FVU | FVU refined | dead % | lr | standardize | fit s |")
-    print("|---|---|---:|---:|---:|---:|---|---:|")
+    print("| run | options | held-out FVU | FVU refined | L0 | dead % | lr | standardize | fit s |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for name, options in [("default", {})] + [parse_variant(v) for v in args.variants]:
         t0 = time.perf_counter()
         model, result = flashsae.train("digits", latents=512, k=8, epochs=20, quiet=True, seed=0, threads=1,
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         refined = evaluate(model, source, val_ids, refine=args.refine)["fvu"]
         m = result.metrics
-        lr = options.get("lr") or default_lr(TrainConfig(), 512)
-        print(f"| {name} | {options or 'defaults'} | {m['fvu']:.4f} | {refined:.4f} | "
+        lr = options.get("lr") or default_lr(TrainConfig(optimizer=options.get("optimizer", "adam")), 512)
+        print(f"| {name} | {options or 'defaults'} | {m['fvu']:.4f} | {refined:.4f} | {m['l0']:.2f} | "
               f"{100 * m['dead_fraction']:.1f} | {lr:.3g} | {model.standardizer.mode} | {seconds:.1f} |",
               flush=True)
     return 0

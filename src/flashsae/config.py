@@ -113,19 +113,30 @@ class TrainConfig:
 
     lr: float | None = None
     """Learning rate; None picks 8e-4 * sqrt(16384 / d_sae) for Adam on top-k models (capped at 1e-2),
-    2e-4 * sqrt(16384 / d_sae) on penalty models (capped at 4e-3), 10x that for SGD."""
+    2e-4 * sqrt(16384 / d_sae) on penalty models (capped at 4e-3), 10x that for SGD, and
+    5e-3 * sqrt(16384 / d_sae) (capped at 2e-2) for signum."""
 
     optimizer: str = "adam"
-    """adam or sgd (with momentum 0.9)."""
+    """adam, sgd (with momentum 0.9) or signum: sign-SGD made schedule-free (Defazio et al., 2024), as
+    in EleutherAI sparsify; gradients are taken at an interpolation of its base iterate and their
+    running average, which is the model evaluated and saved; no learning-rate decay by default."""
 
     lr_warmup: float = 0.01
     """Fraction of training spent ramping the learning rate up linearly from 0."""
 
-    lr_decay: str = "linear"
-    """Learning-rate decay over the last lr_decay_fraction of training: linear, cosine or none."""
+    lr_decay: str = "auto"
+    """Learning-rate decay over the last lr_decay_fraction of training: linear, cosine, none, or auto:
+    none for signum (schedule-free averaging replaces it), linear otherwise."""
 
     lr_decay_fraction: float = 0.2
     """Fraction of training (at the end) over which the learning rate decays to 0."""
+
+    k_anneal: float = 1.0
+    """Top-k models: start at this multiple of k (rounded, at most the number of latents) and lower it
+    linearly to k over the first k_anneal_fraction of training; 1 keeps k throughout."""
+
+    k_anneal_fraction: float = 0.5
+    """Fraction of training (from the start) over which k_anneal lowers k to its final value."""
 
     sparsity_warmup: float = 0.05
     """Fraction of training over which the sparsity coefficient ramps up linearly from 0."""
@@ -187,11 +198,15 @@ class TrainConfig:
             raise ConfigError("give either rows or epochs, not both")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
-        if self.lr_decay not in ("linear", "cosine", "none"):
-            raise ConfigError(f"lr_decay must be linear, cosine or none, got {self.lr_decay!r}")
-        for name in ("lr_warmup", "lr_decay_fraction", "sparsity_warmup"):
+        if self.optimizer not in ("adam", "sgd", "signum"):
+            raise ConfigError(f"optimizer must be adam, sgd or signum, got {self.optimizer!r}")
+        if self.lr_decay not in ("auto", "linear", "cosine", "none"):
+            raise ConfigError(f"lr_decay must be auto, linear, cosine or none, got {self.lr_decay!r}")
+        if not (isinstance(self.k_anneal, (int, float)) and not isinstance(self.k_anneal, bool)
+                and self.k_anneal >= 1):
+            raise ConfigError(f"k_anneal must be a number >= 1 (the multiple of k to start at; 1 = off), "
+                              f"got {self.k_anneal!r}")
+        for name in ("lr_warmup", "lr_decay_fraction", "sparsity_warmup", "k_anneal_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -84,7 +84,7 @@ def test_image_shape_gives_an_atom_atlas(small_synthetic, tmp_path):
         flashsae.train(X, image_shape=(5, 5), **FAST)
 
 
-@pytest.mark.parametrize("bad,match", [(dict(optimizer="lbfgs"), "optimizer must be adam or sgd"),
+@pytest.mark.parametrize("bad,match", [(dict(optimizer="lbfgs"), "optimizer must be adam, sgd or signum"),
                                        (dict(lr_decay="step"), "lr_decay must be"),
                                        (dict(standardize="minmax"), "standardize must be one of"),
                                        (dict(val_fraction=1.5), "val_fraction must be in"),

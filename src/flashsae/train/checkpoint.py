@@ -155,7 +155,7 @@ def _sharded_keys(model, trainer) -> set[str]:
     keys = {f"model.{n}" for n in latent} | {"trainer.rows_since_fired"}
     for i, (name, _) in enumerate(model.named_parameters()):
         if name in latent:
-            keys |= {f"optimizer.{i}.{stat}" for stat in ("exp_avg", "exp_avg_sq", "momentum_buffer")}
+            keys |= {f"optimizer.{i}.{stat}" for stat in ("exp_avg", "exp_avg_sq", "momentum_buffer", "z", "y")}
     return keys
 
 

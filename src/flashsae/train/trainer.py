@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ from flashsae.errors import ConfigError
 from flashsae.kernels import auxk
 from flashsae.models.base import SparseAutoencoder, SparseCodes
 from flashsae.train import optim
-from flashsae.train.optim import default_lr, lr_factor, make_optimizer, resolve_dtype, sparsity_factor
+from flashsae.train.optim import default_lr, k_at, lr_factor, make_optimizer, resolve_dtype, sparsity_factor
 
 
 class StepMetrics(NamedTuple):
@@ -69,6 +70,13 @@ class Trainer:
         self._resample_at = resample_steps(cfg.resample_dead, total_steps)
         if self._resample_at and (model.is_deep or not model.is_sae or comm.world_size > 1 or comm.tensor.size > 1):
             raise ConfigError("resample_dead needs a one-layer sparse autoencoder trained in one process")
+        # k annealing: the architecture's own module (a shard's inner one) gets a config of the step's k
+        self._whole = getattr(model, "inner", model)
+        self._k_cfgs: dict[int, object] = {}
+        if cfg.k_anneal != 1 and not hasattr(self._whole.cfg, "k"):
+            raise ConfigError(f"k_anneal applies to models with a k (topk, batchtopk, matryoshka, ...), not to "
+                              f"architecture {type(self._whole).architecture!r}")
+        self._schedule_free = hasattr(self.optimizer, "begin_step")
 
     @property
     def use_aux(self) -> bool:
@@ -106,8 +114,32 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         aux_mask = auxk.stalest(self.rows_since_fired, self.dead_mask(), self.n_dead) if self.n_dead else None
-        with self._autocast():
-            out = model(x, aux_mask=aux_mask)
+        if self._schedule_free:
+            opt.begin_step()  # the gradient is taken at y; the parameters hold x again after opt.step
+        try:
+            with self._k_of_step():
+                with self._autocast():
+                    out = model(x, aux_mask=aux_mask)
+                return self._finish_step(x, target, out)
+        finally:
+            if self._schedule_free:
+                opt.end_step()  # no-op after a step; x back if the forward or backward raised
+
+    def _k_of_step(self):
+        """A context in which the model's k is this step's annealed k (a no-op without k_anneal)."""
+        if self.cfg.k_anneal == 1:
+            return contextlib.nullcontext()
+        whole = self._whole
+        k = k_at(self.step_idx, self.total_steps, whole.cfg.k, self.cfg, whole.cfg.d_sae)
+        if k == whole.cfg.k:
+            return contextlib.nullcontext()
+        cfg = self._k_cfgs.get(k)
+        if cfg is None:
+            cfg = self._k_cfgs[k] = dataclasses.replace(whole.cfg, k=k)
+        return _swapped_cfg(whole, cfg)
+
+    def _finish_step(self, x: Tensor, target: Tensor, out) -> StepMetrics:
+        model, opt = self.model, self.optimizer
         x_hat = out.x_hat.float()
         diff = x_hat - target
         mse = _SumOfSquares.apply(diff) / x.shape[0]  # mean over rows of ||x_hat - target||^2
@@ -128,9 +160,12 @@ class Trainer:
         loss.backward()
         self.comm.all_reduce_grads_(self._params)
         model.constrain_decoder_grad()
-        opt.step()
+        if self._schedule_free:
+            opt.step(model.constrain_decoder)  # on z, x and y: the weights the model uses stay constrained
+        else:
+            opt.step()
+            model.constrain_decoder()
         opt.zero_grad(set_to_none=True)
-        model.constrain_decoder()
         for buf in self._trained_buffers:
             self.comm.all_reduce_mean_(buf)
         self._update_fired(out.codes, x.shape[0])
@@ -163,6 +198,9 @@ class Trainer:
         model.W_enc[dead] = (atoms * 0.2 * enc_norm).to(model.W_enc.dtype)
         model.b_enc[dead] = 0
         for p in (model.W_dec, model.W_enc, model.b_enc):
+            if hasattr(self.optimizer, "reset_rows"):  # schedule-free: z and y restart from the new rows
+                self.optimizer.reset_rows(p, dead)
+                continue
             for moment in self.optimizer.state.get(p, {}).values():
                 if moment.ndim and moment.shape[0] == model.d_sae:
                     moment[dead] = 0
@@ -205,6 +243,17 @@ class Trainer:
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
         self.step_idx = step_idx
+
+
+@contextlib.contextmanager
+def _swapped_cfg(module, cfg):
+    """`module.cfg` is `cfg` inside the block (the step's annealed k), the module's own after it."""
+    own = module.cfg
+    module.cfg = cfg
+    try:
+        yield
+    finally:
+        module.cfg = own
 
 
 def resample_steps(times: int, total_steps: int) -> frozenset[int]:
