@@ -24,26 +24,39 @@ def dictionary_recovery(atoms: Tensor, ground_truth: Tensor) -> float:
 
 
 class RunningMetrics:
-    """Accumulates reconstruction and firing statistics over chunks, in float64."""
+    """Accumulates reconstruction and firing statistics over chunks.
 
-    def __init__(self, d_in: int, d_sae: int, device):
+    Everything is computed in the standardised space the model works in: the residual, per column,
+    and the target's column sums, shifted by the first chunk's column means (so that a variance
+    computed from them loses no digits to a large mean). The data-unit metrics follow exactly from
+    those with the standardiser's per-column `scale` (x - x_hat = (x_std - x_hat_std) * scale, and
+    likewise every column's variance), with no inverse map and no data-unit copy of the chunk.
+    Each chunk is reduced in its own precision (float32) in a few passes; the per-chunk partial
+    sums are accumulated in float64.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, device, scale: Tensor | None = None):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         self.n = 0
-        self.sse, self.sum_x, self.sum_x2 = z(()), z(d_in), z(d_in)
-        self.sse_std, self.sum_s, self.sum_s2 = z(()), z(d_in), z(d_in)
+        self.scale2 = None if scale is None else scale.to(device, torch.float64).pow(2)  # (d_in,)
+        self.sse_col, self.sum_s, self.sum_s2 = z(d_in), z(d_in), z(d_in)
+        self.shift: Tensor | None = None  # (d_in,) in the chunks' dtype
         self.nnz = z(())
         self.fire_rows = z(d_sae)
 
-    def update(self, x: Tensor, x_hat: Tensor, x_std: Tensor, x_hat_std: Tensor, codes) -> None:
-        """Add one chunk; `codes` is a dense (rows, d_sae) tensor or (values, indices) of a top-k model."""
-        x, x_hat, x_std, x_hat_std = (t.double() for t in (x, x_hat, x_std, x_hat_std))
-        self.n += x.shape[0]
-        self.sse += (x - x_hat).pow(2).sum()
-        self.sum_x += x.sum(0)
-        self.sum_x2 += x.pow(2).sum(0)
-        self.sse_std += (x_std - x_hat_std).pow(2).sum()
-        self.sum_s += x_std.sum(0)
-        self.sum_s2 += x_std.pow(2).sum(0)
+    def update(self, x_std: Tensor, x_hat_std: Tensor, codes) -> None:
+        """Add one chunk of standardised targets and reconstructions; `codes` is a dense (rows, d_sae)
+        tensor or (values, indices) of a top-k model."""
+        if x_hat_std.dtype != x_std.dtype:
+            x_hat_std = x_hat_std.to(x_std.dtype)
+        self.n += x_std.shape[0]
+        work = torch.sub(x_std, x_hat_std)  # the residual, then the shifted targets: one buffer
+        self.sse_col += work.mul_(work).sum(0).double()
+        if self.shift is None:
+            self.shift = x_std.mean(0)
+        torch.sub(x_std, self.shift, out=work)
+        self.sum_s += work.sum(0).double()
+        self.sum_s2 += work.mul_(work).sum(0).double()
         if isinstance(codes, tuple):
             values, indices = codes
             active = values != 0
@@ -57,14 +70,15 @@ class RunningMetrics:
 
     def result(self) -> dict[str, float]:
         n = max(self.n, 1)
-        var = (self.sum_x2 - self.sum_x.pow(2) / n).sum().clamp_min(1e-30)
-        var_std = (self.sum_s2 - self.sum_s.pow(2) / n).sum().clamp_min(1e-30)
+        var_col = (self.sum_s2 - self.sum_s.pow(2) / n).clamp_min(0)  # per column, standardised units
+        scale2 = self.scale2 if self.scale2 is not None else torch.ones_like(var_col)
+        sse = (self.sse_col * scale2).sum()
         freq = self.fire_rows / n
         return {
             "rows": self.n,
-            "mse": float(self.sse / (n * self.sum_x.numel())),
-            "fvu": float(self.sse / var),
-            "fvu_standardized": float(self.sse_std / var_std),
+            "mse": float(sse / (n * var_col.numel())),
+            "fvu": float(sse / (var_col * scale2).sum().clamp_min(1e-30)),
+            "fvu_standardized": float(self.sse_col.sum() / var_col.sum().clamp_min(1e-30)),
             "l0": float(self.nnz / n),
             "dead_fraction": float((self.fire_rows == 0).double().mean()),
             "dense_fraction": float((freq > 0.1).double().mean()),

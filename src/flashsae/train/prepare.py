@@ -27,7 +27,7 @@ from flashsae.data.batching import DeviceBatches, NamedBatches, RowBatches
 from flashsae.data.device import pinned_empty, to_device
 from flashsae.data.layers import LayerSource
 from flashsae.errors import ConfigError, DataError
-from flashsae.preprocess import Scan, Standardizer, require_finite, scan
+from flashsae.preprocess import Scan, Standardizer, require_finite, scan, small_op_threads
 from flashsae.train import checkpoint
 from flashsae.train.spec import RunSpec, model_fields
 
@@ -325,10 +325,11 @@ class DataPass:
             ids = np.sort(rng.choice(self.train_ids, size=min(4096, len(self.train_ids)), replace=False))
             name = model.targets[0]
             x = self.standardizers[name](torch.from_numpy(self.data.streams[name].take(ids)))
-            m = x.mean(0)
-            for _ in range(30):
-                w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-6)
-                m = (w[:, None] * x).sum(0) / w.sum()
+            with small_op_threads(x):  # 30 rounds of small ops: one thread (see small_op_threads)
+                m = x.mean(0)
+                for _ in range(30):
+                    w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-6)
+                    m = (w[:, None] * x).sum(0) / w.sum()
             self._b_dec[key] = m
         model.b_dec.copy_(self._b_dec[key].to(model.b_dec.device))
 
