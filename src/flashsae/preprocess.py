@@ -2,17 +2,18 @@
 
 The Standardizer is an `nn.Module` so that it travels inside a model: its `mean` and `scale`
 buffers are saved with the weights, and `mode` is written by the caller into config.json.
-Imports only `errors`; never imports models, trainer or cli.
+Imports only `errors` and `data.device`; never imports models, trainer or cli.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flashsae.data.device import one_thread
 from flashsae.errors import ConfigError, DataError
 
 # Upper bound on the values one scan chunk holds, whatever chunk_rows says: 2M values are 16 MiB as
@@ -26,24 +27,15 @@ SMALL_CPU_OP = 1 << 22
 (`small_op_threads`)."""
 
 
-@contextmanager
 def small_op_threads(*tensors: Tensor):
-    """Run the enclosed torch ops on one thread when every tensor given is a CPU tensor of at most
-    SMALL_CPU_OP values (bookkeeping next to the training step: standardising a batch, evaluation
-    sums, the initial b_dec). Each such op is well under a millisecond of memory traffic, less than
-    waking a second OpenMP thread costs on a busy machine: on the 2-core VM with other jobs running,
-    a column sum of 8,192 x 256 floats took 0.12 ms on one thread and 12 ms on two, standardising a
-    4,096 x 256 batch 0.45-1.1 ms against 0.6-23 ms. `torch.set_num_threads` sets the calling
-    thread's OpenMP count (and the default of threads that start meanwhile); it is restored on exit."""
+    """A context that runs the enclosed torch ops on one thread (`data.device.one_thread`) when every
+    tensor given is a CPU tensor of at most SMALL_CPU_OP values (bookkeeping next to the training
+    step: standardising a batch, evaluation sums, the initial b_dec). Each such op is well under a
+    millisecond of memory traffic, less than waking a second OpenMP thread costs on a busy machine:
+    on the 2-core VM with other jobs running, a column sum of 8,192 x 256 floats took 0.12 ms on one
+    thread and 12 ms on two, standardising a 4,096 x 256 batch 0.45-1.1 ms against 0.6-23 ms."""
     small = all(t.device.type == "cpu" and t.numel() <= SMALL_CPU_OP for t in tensors)
-    n = torch.get_num_threads() if small else 1
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
+    return one_thread() if small else nullcontext()
 
 
 @dataclass
