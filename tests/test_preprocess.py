@@ -35,6 +35,14 @@ def test_scan_finds_nonfinite_rows_and_ignores_them(x):
     np.testing.assert_allclose(s.var, good.var(0), rtol=1e-10)
 
 
+def test_scan_finds_opposite_infinities_in_one_column_of_one_chunk(x):
+    y = x.copy()
+    y[10, 4], y[20, 4] = np.inf, -np.inf  # the column's sum is NaN, not an infinity
+    s = scan(open_source(y), chunk_rows=64)
+    np.testing.assert_array_equal(s.nonfinite_rows, [10, 20])
+    np.testing.assert_allclose(s.mean, np.delete(x, [10, 20], axis=0).astype(np.float64).mean(0), rtol=1e-12)
+
+
 def test_scan_of_all_nonfinite_rows_is_identity_standardizer():
     s = scan(open_source(np.full((3, 2), np.nan, np.float32)))
     assert s.n_finite == 0 and s.mean_sq_norm == 0.0

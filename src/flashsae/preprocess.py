@@ -66,7 +66,9 @@ def scan(source, *, chunk_rows: int = 65536, progress: bool = False) -> Scan:
     """Compute column mean/variance, mean squared row norm and non-finite rows in one pass.
 
     Chunks are reduced in float64 and merged with Chan et al.'s parallel update, so the result
-    matches a two-pass computation to float64 rounding, and memory stays bounded by one chunk.
+    matches a two-pass computation to float64 rounding, and memory stays bounded by one chunk. A
+    chunk costs four passes: the float64 copy, its column means (non-finite rows are searched for
+    only when a mean is not finite), the deviations written over the copy, their squares summed.
 
     Args:
         source: a `flashsae.data.Source` (anything with `n_rows`, `d_in` and `read(start, stop)`).
@@ -91,17 +93,21 @@ def scan(source, *, chunk_rows: int = 65536, progress: bool = False) -> Scan:
     with tqdm(total=source.n_rows, unit="rows", disable=not progress, desc="scan") as bar:
         for start in range(0, source.n_rows, step):
             stop = min(start + step, source.n_rows)
-            x = np.asarray(source.read(start, stop), dtype=np.float64)  # (rows, d)
-            finite = np.isfinite(x).all(axis=1)
-            if not finite.all():
+            rows = source.read(start, stop)
+            x = np.asarray(rows, dtype=np.float64)  # (rows, d)
+            own = x is not rows  # a float64 copy of our own, which the deviations may overwrite
+            mean_b = x.mean(axis=0)
+            if not np.isfinite(mean_b).all():  # a NaN or Inf anywhere makes its column's mean non-finite
+                finite = np.isfinite(x).all(axis=1)
                 bad.append(np.flatnonzero(~finite).astype(np.int64) + start)
-                x = x[finite]
+                x, own = x[finite], True
+                mean_b = x.mean(axis=0) if x.shape[0] else mean_b
             n_b = x.shape[0]
             if n_b:
-                mean_b = x.mean(axis=0)
-                dev = x - mean_b
+                dev = np.subtract(x, mean_b, out=x if own else None)
                 m2_b = np.einsum("ij,ij->j", dev, dev)
-                sq_b = float(np.einsum("ij,ij->", x, x)) / n_b
+                # sum of squares = sum of squared deviations + n * mean^2, per column (no cancellation)
+                sq_b = float(m2_b.sum() + n_b * np.dot(mean_b, mean_b)) / n_b
                 total = n + n_b
                 delta = mean_b - mean  # Chan, Golub & LeVeque (1979), pairwise merge
                 mean = mean + delta * (n_b / total)
