@@ -96,7 +96,8 @@ def scan(source, *, chunk_rows: int = 65536, progress: bool = False) -> Scan:
             rows = source.read(start, stop)
             x = np.asarray(rows, dtype=np.float64)  # (rows, d)
             own = x is not rows  # a float64 copy of our own, which the deviations may overwrite
-            mean_b = x.mean(axis=0)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum: found just below
+                mean_b = x.mean(axis=0)
             if not np.isfinite(mean_b).all():  # a NaN or Inf anywhere makes its column's mean non-finite
                 finite = np.isfinite(x).all(axis=1)
                 bad.append(np.flatnonzero(~finite).astype(np.int64) + start)
