@@ -114,12 +114,12 @@ class TrainConfig:
     lr: float | None = None
     """Learning rate; None picks 8e-4 * sqrt(16384 / d_sae) for Adam on top-k models (capped at 1e-2),
     2e-4 * sqrt(16384 / d_sae) on penalty models (capped at 4e-3), 10x that for SGD, and
-    5e-3 * sqrt(16384 / d_sae) (capped at 2e-2) for signum."""
+    2.5e-3 * sqrt(16384 / d_sae) (capped at 2e-2) for signum."""
 
     optimizer: str = "adam"
     """adam, sgd (with momentum 0.9) or signum: sign-SGD made schedule-free (Defazio et al., 2024), as
-    in EleutherAI sparsify; gradients are taken at an interpolation of its base iterate and their
-    running average, which is the model evaluated and saved; no learning-rate decay by default."""
+    EleutherAI sparsify trains: each gradient is taken between the sign-SGD iterate and its running
+    average, and that average is the model evaluated and saved; no learning-rate decay by default."""
 
     lr_warmup: float = 0.01
     """Fraction of training spent ramping the learning rate up linearly from 0."""

@@ -169,5 +169,5 @@ def test_cli_help_states_the_signum_rate():
 
     text = subcommand_parser(build_parser(), "train").format_help()
     flat = " ".join(text.split())
-    assert "signum" in flat and "5e-3 * sqrt(16384 / d_sae) (capped at 2e-2) for signum" in flat
+    assert "signum" in flat and "2.5e-3 * sqrt(16384 / d_sae) (capped at 2e-2) for signum" in flat
     assert "--k-anneal" in flat and "--k-anneal-fraction" in flat
