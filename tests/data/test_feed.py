@@ -157,3 +157,20 @@ def test_take_into_writes_what_take_reads(x, tmp_path, where):
             out = np.empty_like(want)
             assert src.take_into(ids, out, stored=stored) is out
             np.testing.assert_array_equal(out, want)
+
+
+def test_a_forked_child_gathers_on_threads_of_its_own(monkeypatch):
+    import os
+
+    from flashsae.data import batching
+
+    monkeypatch.setattr(batching, "GATHER_SPLIT_BYTES", 1)
+    rows = np.arange(60, dtype=np.float32).reshape(20, 3)
+    ids = np.arange(20)[::-1].copy()
+    batching.take_rows(rows, ids, np.empty((20, 3), np.float32), 2)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool threads did not survive the fork
+        out = batching.take_rows(rows, ids, np.empty((20, 3), np.float32), 2)
+        os._exit(0 if np.array_equal(out, rows[ids]) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -322,7 +322,7 @@ GATHER_SPLIT_BYTES = 4 << 20
 """A batch gather of at least this many bytes is split over `gather_threads` threads."""
 
 _pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict = {}  # gather pools by size, and the pid they belong to
 
 
 def take_rows(rows: np.ndarray, ids: np.ndarray, out: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -334,6 +334,9 @@ def take_rows(rows: np.ndarray, ids: np.ndarray, out: np.ndarray, threads: int =
     if parts <= 1:
         return np.take(rows, ids, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
     with _pool_lock:
+        if _pools.get("pid") != os.getpid():  # a forked child has none of its parent's threads
+            _pools.clear()
+            _pools["pid"] = os.getpid()
         pool = _pools.get(parts - 1)
         if pool is None:
             pool = _pools[parts - 1] = ThreadPoolExecutor(parts - 1, thread_name_prefix="flashsae-gather")
