@@ -16,6 +16,7 @@ bfloat16` writes) and the feed widens them on the device; copy and gather then m
     python -m bench.feed                          # d=768, 16,384-row batches, 2^19 rows
     python -m bench.feed --d 256 --batch 4096
     python -m bench.feed --dtype bfloat16
+    python -m bench.feed --gather-threads 2       # each batch gathered on two threads, as off the CPU
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def measure(args) -> dict:
                                        "device": args.device, "seed": 0})
     dpass = DataPass.open(data, spec)
     source = dpass.batches()
+    if args.gather_threads is not None:  # the CPU feed gathers on one thread; a GPU host's on several
+        for it in source.inner.iterators.values():
+            it.gather_threads = args.gather_threads
     n_batches = source.batches_per_epoch()
     bs, d = args.batch, args.d
     buf = np.empty((bs, d), stored.dtype)
@@ -90,7 +94,8 @@ def measure(args) -> dict:
     dpass.close()
     rows = n_batches * bs
     out = {"d_in": d, "batch": bs, "rows": rows, "dtype": args.dtype, "device": str(device),
-           "threads": torch.get_num_threads(), "repeat": args.repeat}
+           "threads": torch.get_num_threads(), "repeat": args.repeat,
+           "gather_threads": next(iter(source.inner.iterators.values())).gather_threads}
     for name, ts in times.items():
         t = statistics.median(ts)
         out[name] = {"rows_per_s": rows / t, "gb_per_s": rows * d * 4 / t / 1e9,
@@ -108,11 +113,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--gather-threads", type=int, default=None,
+                   help="threads gathering each batch (default: what train() uses on --device)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     out = measure(args)
     print(f"feed d={out['d_in']} batch={out['batch']} rows/epoch={out['rows']} stored {out['dtype']} "
-          f"device {out['device']}, {out['threads']} threads, median of {out['repeat']}")
+          f"device {out['device']}, {out['threads']} threads, {out['gather_threads']} gather threads, "
+          f"median of {out['repeat']}")
     for name in ("copy", "gather", "feed"):
         r = out[name]
         print(f"  {name:6s} {r['rows_per_s'] / 1e6:8.3f} M rows/s  {r['gb_per_s']:7.2f} GB/s  {r['each_s']}")

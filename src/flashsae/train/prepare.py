@@ -94,10 +94,12 @@ class _Rows:
 
     def batches(self, train_ids, batch_size: int, *, seed: int, shard: tuple[int, int], device: torch.device):
         """Batches read into reused buffers (page-locked for CUDA) in the rows' stored precision, for
-        `to_device`: each must survive one more draw while its copy is in flight (`keep=1`)."""
+        `to_device`: each must survive one more draw while its copy is in flight (`keep=1`). A large
+        batch is gathered on several threads off the CPU only: training on the CPU, the step needs the
+        cores, and one reader thread already keeps far ahead of a CPU step."""
         allocate = pinned_empty if device.type == "cuda" else None
         return RowBatches(self.streams, train_ids, batch_size, seed=seed, shard=shard, keep=1, stored=True,
-                          allocate=allocate)
+                          allocate=allocate, gather_threads=1 if device.type == "cpu" else None)
 
     def on_device(self, setting: str, device: torch.device) -> bool:
         """Whether the rows go to `device` once (rows_on_device: auto, yes, no)."""
