@@ -171,3 +171,13 @@ def test_cli_help_states_the_signum_rate():
     flat = " ".join(text.split())
     assert "signum" in flat and "2.5e-3 * sqrt(16384 / d_sae) (capped at 2e-2) for signum" in flat
     assert "--k-anneal" in flat and "--k-anneal-fraction" in flat
+
+
+def test_signum_with_latents_sharded_over_two_ranks_matches_one_process(tmp_path):
+    """The schedule-free state (z, y) is split with the latents: --tensor-parallel 2 == one process."""
+    from tests.distributed.test_tensor import COMMON, MODELS, TOL, _max_diff, _one_process, _torchrun
+
+    argv = ["train", *COMMON, "--rows", "1280", *MODELS["topk"], "--optimizer", "signum", "--k-anneal", "2"]
+    _torchrun(tmp_path, 2, [[*argv, "--tensor-parallel", "2", "--out", str(tmp_path / "t2")]])
+    _one_process([*argv, "--out", str(tmp_path / "one")])
+    assert _max_diff(load_file(tmp_path / "t2" / io.MODEL_FILE), load_file(tmp_path / "one" / io.MODEL_FILE)) < TOL
