@@ -288,7 +288,7 @@ def test_help_says_which_defaults_come_from_the_data():
     help_text = {a.dest: " ".join(a.help.split()) for a in subcommand_parser(build_parser(), "train")._actions}
     assert help_text["d_sae"] == ("Number of latents (dictionary size). (default from the data: 8 x the input width, "
                                   "fewer for fewer than 64 training rows per column)")
-    assert help_text["batch_size"].startswith("Rows per optimizer step; default from the data: 4096")
+    assert help_text["batch_size"].startswith("Rows per optimizer step; default from the data: 2048")
     assert help_text["rows"].startswith("Training rows to process in total (over several epochs); default from the "
                                         "data: max(20 epochs")
     assert "None" not in help_text["batch_size"] + help_text["rows"] + help_text["threads"]

@@ -102,7 +102,7 @@ class TrainConfig:
     """How the model is optimised."""
 
     batch_size: int | None = None
-    """Rows per optimizer step; None picks 4096, or less so that an epoch has at least 8 steps."""
+    """Rows per optimizer step; None picks 2048, or less so that an epoch has at least 8 steps."""
 
     rows: int | None = None
     """Training rows to process in total (over several epochs); None picks max(20 epochs, 2M rows,
