@@ -153,7 +153,29 @@ def sparsity_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return 1.0 if step >= warm else (step + 1) / warm
 
 
-class FusedAdam:
+class _OneGroup:
+    """What the optimizers here share: one parameter group, and torch.optim's state_dict layout."""
+
+    params: list[torch.Tensor]
+    param_groups: list[dict]
+    state: dict
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
+
+    def _state_dict(self, per_param) -> dict:
+        """torch.optim's layout, with each parameter's state as `per_param(state)`."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {"state": {index[id(p)]: per_param(s) for p, s in self.state.items()},
+                "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+
+
+class FusedAdam(_OneGroup):
     """Adam (Kingma & Ba, 2015) as one fused kernel call per step: the update, state and state_dict of
     `torch.optim.Adam(fused=True)` (no weight decay, no amsgrad), bit for bit, without torch.optim's
     `Optimizer` base, whose first use imports torch._dynamo (1.3-1.6 s of a small fit's start-up).
@@ -191,18 +213,8 @@ class FusedAdam:
                                beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"], maximize=False,
                                grad_scale=None, found_inf=None)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.detach_().zero_()
-
     def state_dict(self) -> dict:
-        index = {id(p): i for i, p in enumerate(self.params)}
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return {"state": {index[id(p)]: dict(s) for p, s in self.state.items()},
-                "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        return self._state_dict(dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         group = state_dict["param_groups"][0] if state_dict.get("param_groups") else {}
@@ -215,7 +227,7 @@ class FusedAdam:
                              "exp_avg_sq": s["exp_avg_sq"].to(p.device, p.dtype).clone()}
 
 
-class ScheduleFreeSignum:
+class ScheduleFreeSignum(_OneGroup):
     """Sign-SGD made schedule-free (Defazio et al., 2024, "The Road Less Scheduled"), as EleutherAI
     sparsify trains its SAEs, without torch.optim's `Optimizer` base (see `FusedAdam`).
 
@@ -312,23 +324,12 @@ class ScheduleFreeSignum:
             state["z"][rows] = p[rows]
             state["y"][rows] = p[rows]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.detach_().zero_()
-
     def state_dict(self) -> dict:
         if self._at_y:
             raise RuntimeError("state_dict() inside a step: the parameters hold y, not x")
-        index = {id(p): i for i, p in enumerate(self.params)}
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         scalars = {"step": self.steps, "weight_sum": self.weight_sum, "lr_max": self.lr_max}
-        return {"state": {index[id(p)]: {"z": s["z"], "y": s["y"],
-                                         **{k: torch.tensor(v, dtype=torch.float64) for k, v in scalars.items()}}
-                          for p, s in self.state.items()},
-                "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+        return self._state_dict(lambda s: {"z": s["z"], "y": s["y"], **{
+            k: torch.tensor(v, dtype=torch.float64) for k, v in scalars.items()}})
 
     def load_state_dict(self, state_dict: dict) -> None:
         group = state_dict["param_groups"][0] if state_dict.get("param_groups") else {}
