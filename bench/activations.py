@@ -9,9 +9,10 @@ downloaded. One harvest of `--hook` gives `--tokens` training rows and `--val-to
 from later contexts (documents the SAEs never see). The training rows are shuffled once, with a
 fixed seed, and that order is what every library gets. flashsae runs in this process with its
 defaults plus each `--variants` entry; every other library runs in its own subprocess
-(`bench.anchors.run_one`, `--python` picks their environment) with the same rows, latents, k,
-batch and number of steps. FVU is in data units on the held-out rows; the truth is unknown, so
-dead latents are reported beside it.
+(`bench.anchors.run_one`, `--python` picks their environment) with the same rows, latents and k,
+at `--batch` rows per step (flashsae at its own default unless a variant sets `batch_size`). FVU
+is in data units on the held-out rows; the truth is unknown, so dead latents are reported beside
+it.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--latents", type=int, default=3072)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4096, help="rows per step of the other libraries (flashsae: its "
+                   "default unless a variant sets batch_size)")
     p.add_argument("--variants", nargs="*", default=["default"],
                    help="flashsae runs, each 'name:option=value,...' (options of flashsae.train)")
     p.add_argument("--others", default="", help="other libraries, 'library:settings,...' (settings: "
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         Xv = torch.from_numpy(X_val)
         x = Xv.double()
         for name, options in map(parse_variant, args.variants):
-            opts = dict(arch="topk", latents=args.latents, k=args.k, epochs=args.epochs, batch_size=args.batch,
-                        val_fraction=0.0, seed=args.seed, quiet=True, out=None, eval_every=0)
+            opts = dict(arch="topk", latents=args.latents, k=args.k, epochs=args.epochs, val_fraction=0.0,
+                        seed=args.seed, quiet=True, out=None, eval_every=0)  # flashsae's own rows per step
             opts.update(options)
             model, result = flashsae.train(X_train, **opts)
             model.eval()
