@@ -145,7 +145,7 @@ def _map_named(batch, fn):
 
 
 def _map(batch, fn):
-    return {k: fn(v) for k, v in batch.items()} if isinstance(batch, dict) else fn(batch)
+    return _map_named(batch, lambda _, a: fn(a))
 
 
 class _PinnedFeeder:

@@ -21,12 +21,11 @@ PENALTY_LR_16K = 2e-4
 SIGNUM_LR_16K = 2.5e-3
 """The schedule-free sign-SGD rate at 16,384 latents, scaled by 1/sqrt(latents) as Adam's and capped
 at SIGNUM_LR_CAP: half EleutherAI sparsify's 5e-3, which on standardised rows learned less on 5 of 7
-planted kinds, at the issue's shape and on digits (bench.quality, bench.digits_recipe; BENCHMARKS.md,
+planted kinds, at the larger planted shape and on digits (bench.quality, bench.digits_recipe; BENCHMARKS.md,
 "schedule-free sign-SGD")."""
 SIGNUM_LR_CAP = 2e-2
 SIGNUM_MOMENTUM = 0.95
 """Schedule-free interpolation beta: gradients are taken at y = (1 - beta) z + beta x (sparsify's 0.95)."""
-OPTIMIZERS = ("adam", "sgd", "signum")
 
 
 def default_lr(cfg: TrainConfig, d_sae: int, *, k_limited: bool = True) -> float:

@@ -198,7 +198,7 @@ class Trainer:
         model.W_enc[dead] = (atoms * 0.2 * enc_norm).to(model.W_enc.dtype)
         model.b_enc[dead] = 0
         for p in (model.W_dec, model.W_enc, model.b_enc):
-            if hasattr(self.optimizer, "reset_rows"):  # schedule-free: z and y restart from the new rows
+            if self._schedule_free:  # z and y restart from the new rows
                 self.optimizer.reset_rows(p, dead)
                 continue
             for moment in self.optimizer.state.get(p, {}).values():
