@@ -95,7 +95,7 @@ def measure(args) -> dict:
     rows = n_batches * bs
     out = {"d_in": d, "batch": bs, "rows": rows, "dtype": args.dtype, "device": str(device),
            "threads": torch.get_num_threads(), "repeat": args.repeat,
-           "gather_threads": next(iter(source.inner.iterators.values())).gather_threads}
+           "gather_threads": getattr(next(iter(source.inner.iterators.values())), "gather_threads", 1)}  # 1: older versions
     for name, ts in times.items():
         t = statistics.median(ts)
         out[name] = {"rows_per_s": rows / t, "gb_per_s": rows * d * 4 / t / 1e9,

@@ -68,6 +68,43 @@ def test_auxk_candidates_are_dead_latents_and_train_the_encoder():
     assert W_enc.grad[:30].abs().sum() == 0
 
 
+@pytest.mark.parametrize("batch,rows", [(40, 17), (1100, 700)])  # one block of rows; three, the AuxK rows ending in the second
+def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows):
+    """DeadLatents.rows: AuxK codes for the batch's first rows only, and gradients as dense autograd gives."""
+    from flashsae.kernels import auxk
+
+    monkeypatch.setattr(reference, "_BLOCK_BYTES", 1)  # blocks of 512 rows
+    torch.manual_seed(rows)
+    d, n, k, k_aux = 12, 60, 3, 5
+    x = torch.randn(batch, d, dtype=torch.float64)
+    params = [torch.randn(n, d, dtype=torch.float64, requires_grad=True),  # W_enc
+              torch.randn(n, dtype=torch.float64, requires_grad=True),     # b_enc
+              torch.randn(d, dtype=torch.float64, requires_grad=True),     # b_dec
+              torch.randn(n, d, dtype=torch.float64, requires_grad=True)]  # W_dec
+    W_enc, b_enc, b_dec, W_dec = params
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n)[:20]] = True
+    dead = auxk.DeadLatents(mask, torch.arange(n), rows)
+    values, idx, aux_values, aux_idx = reference.topk_encode(x, W_enc, b_enc, k, aux_mask=dead, k_aux=k_aux, b_dec=b_dec)
+    assert values.shape == (batch, k) and aux_values.shape == aux_idx.shape == (rows, k_aux)
+    assert bool(mask[aux_idx].all())
+    r = torch.randn(batch, d, dtype=torch.float64)
+    loss = ((reference.sparse_decode(values, idx, W_dec) + b_dec - x).pow(2).sum()
+            + (reference.sparse_decode(aux_values, aux_idx, W_dec) - r[:rows]).pow(2).sum())
+    got = torch.autograd.grad(loss, params)
+
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    top, top_idx = pre.topk(k, dim=-1)
+    atop, atop_idx = pre[:rows].masked_fill(~mask, float("-inf")).topk(k_aux, dim=-1)
+    dense = torch.zeros_like(pre).scatter(1, top_idx, top.relu())
+    dense_aux = torch.zeros_like(pre[:rows]).scatter(1, atop_idx, atop.relu())
+    want_loss = (dense @ W_dec + b_dec - x).pow(2).sum() + (dense_aux @ W_dec - r[:rows]).pow(2).sum()
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(loss, want_loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("FLASHSAE_KERNELS", raising=False)
     assert kernels.selection.impl(torch.device("cpu")) == "reference"

@@ -250,7 +250,8 @@ def test_topk_training_steps_match_reference(grouped, monkeypatch):
 
 # ---- AuxK, zero-value slots, shared sorts, b_dec, device ---------------------------------------
 
-def test_topk_encode_with_few_dead_candidates_matches_reference(grouped):
+@pytest.mark.parametrize("rows", [None, 11])  # AuxK on every row; on the first 11 (DeadLatents.rows)
+def test_topk_encode_with_few_dead_candidates_matches_reference(grouped, rows):
     """DeadLatents: the selection runs among the gathered candidate columns, k_aux capped at their count."""
     torch.manual_seed(7)
     n = 120
@@ -258,7 +259,7 @@ def test_topk_encode_with_few_dead_candidates_matches_reference(grouped):
     mask = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     candidates = torch.randperm(n, device=DEVICE)[:3]
     mask[candidates] = True
-    dead = kernels.DeadLatents(mask, candidates)
+    dead = kernels.DeadLatents(mask, candidates, rows)
     results = {}
     for impl in (reference, triton_ops):
         for p in (x_c, W_enc, b_enc):
@@ -267,7 +268,7 @@ def test_topk_encode_with_few_dead_candidates_matches_reference(grouped):
         loss.backward()
         results[impl] = (loss.detach(), aux_values.detach(), aux_idx, [p.grad.clone() for p in (x_c, W_enc, b_enc)])
     ref, tri = results[reference], results[triton_ops]
-    assert tri[2].shape == (29, 3)
+    assert tri[2].shape == (rows or 29, 3)
     assert close(tri[0], ref[0])
     assert torch.equal(tri[1].sort(-1).values, ref[1].sort(-1).values)
     for got, want in zip(tri[3], ref[3]):

@@ -5,6 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashsae import kernels, models
 from flashsae.config import TrainConfig
+from flashsae.errors import ConfigError
 from flashsae.kernels import auxk
 from flashsae.train import optim
 from flashsae.train.trainer import Trainer
@@ -12,9 +13,10 @@ from flashsae.train.trainer import Trainer
 DEAD_AFTER = 10**9
 
 
-def plain_auxk(model, x, dead, k_aux):
+def plain_auxk(model, x, dead, k_aux, rows=None):
     """Gao et al. (2024, App. B.1) in dense PyTorch: the k_aux largest dead pre-activations (ReLU) of
-    each row reconstruct the residual, normalised by the residual's variance."""
+    each row reconstruct the residual, normalised by the residual's variance over the batch; with
+    `rows`, the error is the mean over the batch's first `rows` rows only."""
     W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))
     x = x.double()
     pre = (x - b_dec) @ W_enc.T + b_enc
@@ -26,7 +28,7 @@ def plain_auxk(model, x, dead, k_aux):
     atop, aidx = pre.masked_fill(~mask, float("-inf")).topk(k_aux, dim=-1)
     e_hat = torch.zeros_like(pre).scatter(1, aidx, atop.relu()) @ W_dec
     var = (resid - resid.mean(0)).pow(2).sum(-1).mean()
-    return model.cfg.auxk_coef * (e_hat - resid).pow(2).sum(-1).mean() / var
+    return model.cfg.auxk_coef * (e_hat - resid)[:rows].pow(2).sum(-1).mean() / var
 
 
 def trainer_with_dead(model, dead, **cfg):
@@ -38,7 +40,8 @@ def trainer_with_dead(model, dead, **cfg):
 
 def hand_set_model(k_aux):
     """6 latents on 3 inputs with distinct, known pre-activations: latent j scores (j + 1) * x[0] + b_j."""
-    m = models.build("topk", d_in=3, d_sae=6, k=1, k_aux=k_aux, auxk_coef=0.5, normalize_decoder=False)
+    m = models.build("topk", d_in=3, d_sae=6, k=1, k_aux=k_aux, auxk_coef=0.5, normalize_decoder=False,
+                     auxk_budget=0)  # AuxK on every row
     with torch.no_grad():
         m.W_enc.zero_()
         m.W_enc[:, 0] = torch.arange(1.0, 7.0)
@@ -68,12 +71,45 @@ def test_auxk_loss_matches_plain_pytorch_on_hand_set_weights(dead, k_aux):
 @pytest.mark.parametrize("n_dead,k_aux", [(40, 8), (8, 8), (3, 8), (1, 2)])
 def test_auxk_loss_matches_plain_pytorch_on_random_weights(n_dead, k_aux):
     torch.manual_seed(n_dead)
-    m = models.build("topk", d_in=16, d_sae=64, k=4, k_aux=k_aux)
+    m = models.build("topk", d_in=16, d_sae=64, k=4, k_aux=k_aux, auxk_budget=0)
     x = torch.randn(50, 16)
     dead = torch.randperm(64)[:n_dead]
     want = plain_auxk(m, x, dead, k_aux)
     got = trainer_with_dead(m, dead).step(x).aux
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])  # the sparse kernels; the dense selection
+@pytest.mark.parametrize("budget,n_dead,rows", [
+    (1.0, 40, 25),   # k_aux = 8 slots against k = 4: pairs for half the 50 rows
+    (0.5, 40, 13),   # a quarter, rounded up
+    (1.0, 3, None),  # 3 dead latents, 3 slots: within the budget, every row
+    (0.0, 40, None), # no limit
+])
+def test_the_auxk_budget_runs_auxk_on_the_batchs_first_rows(arch, budget, n_dead, rows):
+    torch.manual_seed(n_dead)
+    m = models.build(arch, d_in=16, d_sae=64, k=4, k_aux=8, auxk_budget=budget)
+    x = torch.randn(50, 16)
+    dead = torch.randperm(64)[:n_dead]
+    tr = trainer_with_dead(m, dead)
+    assert tr._aux_rows(50) == rows
+    if arch == "topk":  # the batch-level selection keeps other latents than a per-row top-k
+        want = plain_auxk(m, x, dead, 8, rows)
+        torch.testing.assert_close(tr.step(x).aux.double(), want, rtol=1e-5, atol=1e-7)
+    out = m(x, aux_mask=auxk.stalest(tr.rows_since_fired, tr.dead_mask(), tr.n_dead, rows))
+    assert out.aux.shape == (rows or 50, 16)
+
+
+def test_auxk_rows_within_the_budget():
+    assert auxk.rows_within(4096, 16, 128, 1.0) == 512
+    assert auxk.rows_within(4096, 16, 16, 1.0) is None
+    assert auxk.rows_within(4096, 16, 128, 0.0) is None
+    assert auxk.rows_within(10, 1, 2**20, 1.0) == 1  # never no row at all
+
+
+def test_a_negative_auxk_budget_is_refused():
+    with pytest.raises(ConfigError, match="auxk_budget must be >= 0, got -1"):
+        models.build("topk", d_in=16, d_sae=64, k=4, auxk_budget=-1)
 
 
 def test_auxk_slots_are_capped_at_the_dead_latents():

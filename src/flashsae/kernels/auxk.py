@@ -5,10 +5,16 @@ the live ones to -inf and running top-k over every latent costs a full selection
 fewer latents are dead than k_aux the surplus slots are -inf ties that all land on the same few
 latents. Here the selection looks only at `candidates`, a short list of latent ids the trainer
 knows to hold every dead latent (it counts them at its periodic refresh, the one host read it
-makes anyway), and k_aux is capped at that count. Imports torch only.
+makes anyway), and k_aux is capped at that count.
+
+With many latents dead, k_aux slots per row are several times the top-k's k and AuxK becomes most
+of the step's sparse work. `DeadLatents.rows` then limits AuxK to the batch's first rows (a
+uniform sample of a shuffled batch): the auxiliary loss is averaged over those rows, an unbiased
+estimate of its value over the batch at a fraction of the cost (`rows_within`). Imports torch only.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,6 +26,7 @@ class DeadLatents(NamedTuple):
     mask: Tensor        # (d_sae,) bool: dead now
     candidates: Tensor  # (n_candidates,) int64 distinct latent ids holding every dead latent, as long as no
     #                     more are dead than when the list was made (one that fired since is skipped by `mask`)
+    rows: int | None = None  # AuxK runs on the batch's first `rows` rows; None: on all of them
 
     @classmethod
     def of(cls, aux_mask: Tensor | DeadLatents) -> DeadLatents:
@@ -32,16 +39,33 @@ class DeadLatents(NamedTuple):
         """AuxK slots per row: at most one per candidate (the surplus could only pick -inf)."""
         return min(k_aux, self.candidates.shape[0])
 
+    def n_rows(self, batch: int) -> int:
+        """Rows of a `batch`-row batch that AuxK runs on: its first ones."""
+        return batch if self.rows is None else min(self.rows, batch)
 
-def stalest(rows_since_fired: Tensor, dead_mask: Tensor, n_candidates: int) -> DeadLatents:
+
+def stalest(rows_since_fired: Tensor, dead_mask: Tensor, n_candidates: int, rows: int | None = None) -> DeadLatents:
     """The `n_candidates` latents that have gone longest without firing: every dead latent as long as
-    at most `n_candidates` are dead (the dead ones are exactly the stalest). No host read."""
+    at most `n_candidates` are dead (the dead ones are exactly the stalest). No host read. `rows`:
+    see `DeadLatents.rows`."""
     d_sae = rows_since_fired.shape[0]
     if n_candidates >= d_sae:
         candidates = torch.arange(d_sae, device=rows_since_fired.device)
     else:
         candidates = rows_since_fired.topk(n_candidates, sorted=False).indices
-    return DeadLatents(dead_mask, candidates)
+    return DeadLatents(dead_mask, candidates, rows)
+
+
+def rows_within(batch: int, k: int, k_aux: int, budget: float) -> int | None:
+    """The rows AuxK may run on so that its (row, latent) pairs, rows x k_aux, stay within `budget`
+    times the top-k's, batch x k; None (every row) when they fit, or when `budget` is 0 (no limit).
+
+    A dead latent then enters the AuxK loss through fewer rows per step, each weighted more (the
+    loss is a mean over the rows used), so its expected gradient is unchanged and only noisier.
+    """
+    if budget <= 0 or k_aux * batch <= budget * k * batch:
+        return None
+    return max(1, min(batch, math.ceil(budget * k * batch / k_aux)))
 
 
 GATHER_FRACTION = 32
@@ -56,7 +80,7 @@ def select(pre: Tensor, dead: DeadLatents, k_aux: int, topk: Callable[[Tensor, i
            in_place: bool = False) -> tuple[Tensor, Tensor]:
     """The k_aux largest pre-activations of dead latents per row: (values, latent ids), each (rows, k_aux).
 
-    `k_aux` must not exceed the candidates' count. Values are those of `pre` (not clipped at 0); a slot
+    `pre` holds the rows AuxK runs on (the caller slices off the rest, `DeadLatents.n_rows`). `k_aux` must not exceed the candidates' count. Values are those of `pre` (not clipped at 0); a slot
     left without a dead latent (more candidates fired since the list was made than k_aux leaves over)
     holds -inf. `topk(scores, k)` is the row-wise selection to use; `in_place` lets the function
     overwrite `pre`. Differentiable in `pre` unless `in_place`.

@@ -173,10 +173,11 @@ class _TopKEncode(torch.autograd.Function):
         W1 = torch.cat([W_enc.to(dtype), b_enc.to(dtype).unsqueeze(1)], dim=1)
         n_rows, d_sae = x_c.shape[0], W_enc.shape[0]
         k_aux = dead.k_aux(k_aux) if dead is not None else 0
+        aux_rows = dead.n_rows(n_rows) if k_aux else n_rows
         top = torch.empty((n_rows, k), dtype=dtype, device=x_c.device)
         idx = torch.empty((n_rows, k), dtype=torch.int64, device=x_c.device)
-        atop = torch.empty((n_rows, k_aux), dtype=dtype, device=x_c.device)
-        aidx = torch.empty((n_rows, k_aux), dtype=torch.int64, device=x_c.device)
+        atop = torch.empty((aux_rows, k_aux), dtype=dtype, device=x_c.device)
+        aidx = torch.empty((aux_rows, k_aux), dtype=torch.int64, device=x_c.device)
         # On the CPU the pre-activations go to a buffer reused from step to step (a fresh (batch,
         # d_sae) result costs page faults every time: 29 ms against 21 ms for a 4096 x 4096 bf16
         # product, `python -m bench.micro_cpu`), made in blocks of rows that bound the buffer to
@@ -187,8 +188,10 @@ class _TopKEncode(torch.autograd.Function):
             pre = _workspace(stop - start, d_sae, dtype, x_c.device)
             torch.mm(x1[start:stop], W1.t(), out=pre)  # (rows, d_sae)
             cpu_topk.topk(pre, k, out=(top[start:stop], idx[start:stop]))  # torch.topk off the CPU
-            if k_aux:  # after the top-k: pre is free to overwrite
-                atop[start:stop], aidx[start:stop] = auxk.select(pre, dead, k_aux, cpu_topk.topk, in_place=True)
+            if k_aux and start < aux_rows:  # after the top-k: pre is free to overwrite
+                a_stop = min(stop, aux_rows)
+                atop[start:a_stop], aidx[start:a_stop] = auxk.select(pre[:a_stop - start], dead, k_aux, cpu_topk.topk,
+                                                                     in_place=True)
         values = top.clamp_min(0)
         aux_values = atop.clamp_min(0)
         ctx.save_for_backward(x_c, W_enc, idx, values, aidx, aux_values)
@@ -203,7 +206,10 @@ class _TopKEncode(torch.autograd.Function):
             codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = sum(_gather_sum(g, i, W_enc) for i, _, g in codes).to(x_c.dtype)
+            grad_x = _gather_sum(codes[0][2], idx, W_enc)
+            for i, _, g in codes[1:]:  # the AuxK rows: the first ones
+                grad_x[:i.shape[0]] += _gather_sum(g, i, W_enc)
+            grad_x = grad_x.to(x_c.dtype)
         if any(ctx.needs_input_grad[1:4]):
             W_parts, sum_parts = [], []
             for i, v, g in codes:  # the top-k pairs, then the AuxK pairs, each grouped once for the whole step

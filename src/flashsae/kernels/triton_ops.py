@@ -316,7 +316,8 @@ class _TopKEncode(torch.autograd.Function):
         values = top.clamp_min(0)
         k_aux = dead.k_aux(k_aux) if dead is not None else 0
         if k_aux:
-            atop, aidx = auxk.select(pre, dead, k_aux, select_topk, in_place=True)  # pre is no longer needed
+            atop, aidx = auxk.select(pre[:dead.n_rows(pre.shape[0])], dead, k_aux, select_topk,
+                                     in_place=True)  # pre is no longer needed
             aux_values = atop.clamp_min(0)
         else:
             aidx = idx.new_zeros((x_c.shape[0], 0))
@@ -339,7 +340,9 @@ class _TopKEncode(torch.autograd.Function):
         n_latents = W_enc.shape[0]
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = sum(_gather_sum(g.contiguous(), i.contiguous(), W_enc, torch.float32) for i, _, g in codes)
+            grad_x = _gather_sum(codes[0][2].contiguous(), idx.contiguous(), W_enc, torch.float32)
+            for i, _, g in codes[1:]:  # the AuxK rows: the first ones
+                grad_x[:i.shape[0]] += _gather_sum(g.contiguous(), i.contiguous(), W_enc, torch.float32)
             grad_x = grad_x.to(x_c.dtype)
         need_W, need_sum = ctx.needs_input_grad[2], ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         if need_W or need_sum:

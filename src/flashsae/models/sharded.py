@@ -143,6 +143,7 @@ class ShardedSAE(nn.Module):
     def _auxk(self, pre: Tensor, aux_mask, k_aux: int) -> Tensor:
         """AuxK (Gao et al., 2024, App. B.1) over the group: each shard's dead candidates, merged."""
         dead = kernels.DeadLatents.of(aux_mask)
+        pre = pre[:dead.n_rows(pre.shape[0])]  # the same rows on every shard: they hold the same batch
         values, idx = auxk.select(pre.detach(), dead, dead.k_aux(k_aux), cpu_topk.topk)
         ids = torch.where(torch.isfinite(values), idx + self.start, -1)
         codes = self._merged(pre, *_pad(values, ids, k_aux), k_aux)

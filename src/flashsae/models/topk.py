@@ -29,6 +29,11 @@ class TopKConfig(ModelConfig):
     k_aux: int | None = None
     """Dead latents used by AuxK per row; None picks min(d_in // 2, d_sae)."""
 
+    auxk_budget: float = 1.0
+    """AuxK's (row, latent) pairs per step at most this many times the top-k's (batch x k): with more
+    dead latents than k_aux = budget x k allows, AuxK runs on that share of each shuffled batch's rows;
+    0 runs it on every row."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k < 1:
@@ -39,6 +44,8 @@ class TopKConfig(ModelConfig):
             raise ConfigError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
         if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
             raise ConfigError(f"k_aux must be in [1, d_sae], got {self.k_aux}")
+        if not self.auxk_budget >= 0:
+            raise ConfigError(f"auxk_budget must be >= 0, got {self.auxk_budget}")
 
     @property
     def effective_k_aux(self) -> int:
@@ -52,9 +59,10 @@ class BatchTopKConfig(TopKConfig):
 
 
 def dense_aux(pre: Tensor, aux_mask: Tensor | kernels.DeadLatents, k_aux: int) -> SparseCodes:
-    """AuxK codes from dense pre-activations: the k_aux largest among the dead latents' columns."""
+    """AuxK codes from dense pre-activations: the k_aux largest among the dead latents' columns, for
+    the rows AuxK runs on (`DeadLatents.rows`)."""
     dead = kernels.DeadLatents.of(aux_mask)
-    top, idx = auxk.select(pre, dead, dead.k_aux(k_aux), cpu_topk.topk)
+    top, idx = auxk.select(pre[:dead.n_rows(pre.shape[0])], dead, dead.k_aux(k_aux), cpu_topk.topk)
     return SparseCodes(torch.relu(top), idx)
 
 

@@ -133,6 +133,7 @@ def load(work: Path, model, trainer) -> LoopState:
     tensors, exact = _rows(ckpt, names, _sharded_keys(whole, trainer), whole.cfg.d_sae, start, stop)
     if not exact:  # a different layout: the AuxK candidate count is this shard's own, counted anew
         tensors.pop("trainer.n_dead", None)
+        tensors.pop("trainer.n_dead_anywhere", None)
     io.load_weights(whole, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     try:
         trainer.load_state_tensors(tensors, int(state["step"]))

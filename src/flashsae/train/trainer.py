@@ -59,6 +59,7 @@ class Trainer:
         self.step_idx = 0
         self.rows_since_fired = torch.zeros(model.d_sae, dtype=torch.int64, device=device)
         self.n_dead = 0  # dead latents at the last refresh_aux: the AuxK candidates per step
+        self.n_dead_anywhere = 0  # the same over every rank holding latents
         self.auxk_coef = float(getattr(model.cfg, "auxk_coef", 0.0))
         self.dtype = resolve_dtype(cfg, model, device)  # "auto" picks per model and device
         if self.dtype == "bfloat16":
@@ -95,6 +96,7 @@ class Trainer:
         n_dead = self.dead_mask().sum() if self.auxk_coef > 0 else self.rows_since_fired.new_zeros(())
         anywhere = int(self.comm.tensor.sum_(n_dead.clone()))
         self.n_dead = max(int(n_dead), min(anywhere, 1))
+        self.n_dead_anywhere = anywhere
 
     def step(self, batch: Mapping[str, Tensor] | Tensor) -> StepMetrics:
         """One update on a standardised batch: {stream: (batch, d)} (or the `x` tensor alone).
@@ -113,7 +115,9 @@ class Trainer:
         lr = self.base_lr * lr_factor(self.step_idx, self.total_steps, self.cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        aux_mask = auxk.stalest(self.rows_since_fired, self.dead_mask(), self.n_dead) if self.n_dead else None
+        aux_mask = None
+        if self.n_dead:
+            aux_mask = auxk.stalest(self.rows_since_fired, self.dead_mask(), self.n_dead, self._aux_rows(x.shape[0]))
         if self._schedule_free:
             opt.begin_step()  # the gradient is taken at y; the parameters hold x again after opt.step
         try:
@@ -124,6 +128,15 @@ class Trainer:
         finally:
             if self._schedule_free:
                 opt.end_step()  # no-op after a step; x back if the forward or backward raised
+
+    def _aux_rows(self, batch: int) -> int | None:
+        """The rows AuxK runs on this step (None: all), from numbers every rank holds alike."""
+        cfg = self._whole.cfg
+        budget = getattr(cfg, "auxk_budget", 0.0)
+        if not budget:
+            return None
+        k_aux = min(cfg.effective_k_aux, self.n_dead_anywhere)
+        return auxk.rows_within(batch, cfg.k, k_aux, budget)
 
     def _k_of_step(self):
         """A context in which the model's k is this step's annealed k (a no-op without k_anneal)."""
@@ -151,10 +164,12 @@ class Trainer:
             # AuxK: dead latents reconstruct the residual target - x_hat = -diff, normalised by its variance
             # over the global batch (Gao et al., 2024, App. B.1): mean ||r||^2 - ||mean r||^2, from the
             # squared error already summed above, so the only (batch, d_in) passes are the mean and the error.
+            # The AuxK rows are the batch's first ones (all, unless the AuxK budget limits them).
             resid_neg = diff.detach()
             resid_mean = self.comm.all_reduce_mean_(resid_neg.mean(0))
             resid_var = (self.comm.all_reduce_mean_(mse.detach().clone()) - resid_mean.dot(resid_mean)).clamp_min(1e-8)
-            aux_err = _SumOfSquares.apply(out.aux.float() + resid_neg) / x.shape[0]
+            aux_rows = out.aux.shape[0]
+            aux_err = _SumOfSquares.apply(out.aux.float() + resid_neg[:aux_rows]) / aux_rows
             aux_loss = self.auxk_coef * aux_err / resid_var
             loss = loss + aux_loss
         loss.backward()
@@ -220,7 +235,8 @@ class Trainer:
     # ---- checkpoint state ------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         # n_dead too: it changes only at log steps, so a resume between two must not recompute it.
-        out = {"trainer.rows_since_fired": self.rows_since_fired, "trainer.n_dead": torch.tensor(self.n_dead)}
+        out = {"trainer.rows_since_fired": self.rows_since_fired, "trainer.n_dead": torch.tensor(self.n_dead),
+               "trainer.n_dead_anywhere": torch.tensor(self.n_dead_anywhere)}
         for i, state in self.optimizer.state_dict()["state"].items():
             for name, value in state.items():
                 out[f"optimizer.{i}.{name}"] = torch.as_tensor(value)
@@ -230,6 +246,7 @@ class Trainer:
         self.rows_since_fired.copy_(tensors["trainer.rows_since_fired"])
         if "trainer.n_dead" in tensors:
             self.n_dead = int(tensors["trainer.n_dead"])
+            self.n_dead_anywhere = int(tensors.get("trainer.n_dead_anywhere", self.n_dead))
         elif "trainer.use_aux" in tensors:  # written before AuxK knew its count: count now
             self.n_dead = 0
             if bool(tensors["trainer.use_aux"]):
