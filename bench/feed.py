@@ -95,7 +95,8 @@ def measure(args) -> dict:
     rows = n_batches * bs
     out = {"d_in": d, "batch": bs, "rows": rows, "dtype": args.dtype, "device": str(device),
            "threads": torch.get_num_threads(), "repeat": args.repeat,
-           "gather_threads": getattr(next(iter(source.inner.iterators.values())), "gather_threads", 1)}  # 1: older versions
+           # older versions had no gather threads
+           "gather_threads": getattr(next(iter(source.inner.iterators.values())), "gather_threads", 1)}
     for name, ts in times.items():
         t = statistics.median(ts)
         out[name] = {"rows_per_s": rows / t, "gb_per_s": rows * d * 4 / t / 1e9,

@@ -68,7 +68,8 @@ def test_auxk_candidates_are_dead_latents_and_train_the_encoder():
     assert W_enc.grad[:30].abs().sum() == 0
 
 
-@pytest.mark.parametrize("batch,rows", [(40, 17), (1100, 700)])  # one block of rows; three, the AuxK rows ending in the second
+# one block of rows; three, the AuxK rows ending in the second
+@pytest.mark.parametrize("batch,rows", [(40, 17), (1100, 700)])
 def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows):
     """DeadLatents.rows: AuxK codes for the batch's first rows only, and gradients as dense autograd gives."""
     from flashsae.kernels import auxk

@@ -80,8 +80,9 @@ def select(pre: Tensor, dead: DeadLatents, k_aux: int, topk: Callable[[Tensor, i
            in_place: bool = False) -> tuple[Tensor, Tensor]:
     """The k_aux largest pre-activations of dead latents per row: (values, latent ids), each (rows, k_aux).
 
-    `pre` holds the rows AuxK runs on (the caller slices off the rest, `DeadLatents.n_rows`). `k_aux` must not exceed the candidates' count. Values are those of `pre` (not clipped at 0); a slot
-    left without a dead latent (more candidates fired since the list was made than k_aux leaves over)
+    `pre` holds the rows AuxK runs on (the caller slices off the rest, `DeadLatents.n_rows`). `k_aux`
+    must not exceed the candidates' count. Values are those of `pre` (not clipped at 0); a slot left
+    without a dead latent (more candidates fired since the list was made than k_aux leaves over)
     holds -inf. `topk(scores, k)` is the row-wise selection to use; `in_place` lets the function
     overwrite `pre`. Differentiable in `pre` unless `in_place`.
     """
