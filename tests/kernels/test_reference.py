@@ -86,7 +86,8 @@ def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows):
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n)[:20]] = True
     dead = auxk.DeadLatents(mask, torch.arange(n), rows)
-    values, idx, aux_values, aux_idx = reference.topk_encode(x, W_enc, b_enc, k, aux_mask=dead, k_aux=k_aux, b_dec=b_dec)
+    values, idx, aux_values, aux_idx = reference.topk_encode(x, W_enc, b_enc, k, aux_mask=dead, k_aux=k_aux,
+                                                             b_dec=b_dec)
     assert values.shape == (batch, k) and aux_values.shape == aux_idx.shape == (rows, k_aux)
     assert bool(mask[aux_idx].all())
     r = torch.randn(batch, d, dtype=torch.float64)
