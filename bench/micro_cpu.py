@@ -12,6 +12,9 @@
    against `embedding_bag` with the segments as bags (`kernels.reference.LatentSegments`).
 4. Pushing the live latents of a 4096 x 4096 bf16 pre-activation matrix to -inf for the AuxK
    selection: `masked_fill_` against adding a (4096,) row of 0 / -inf, and a gather of 128 columns.
+5. The stable sort of the (row, slot) pairs' latent ids (int32 keys in [0, 4096]) at 8,192 to
+   262,144 keys: `torch.sort(stable=True)` against the sort `LatentSegments` uses (NumPy's int16
+   radix sort below 65,536 keys).
 Median of --repeat timed calls after one warm-up, on --threads threads; the two sides of a
 comparison alternate call by call.
 """
@@ -118,6 +121,13 @@ def main() -> None:
     print(f"| AuxK mask, 4096x4096 bf16: masked_fill_ / add a 0/-inf row | {masked:.1f} ms | {added:.1f} ms | "
           f"{masked / added:.2f}x |")
     print(f"| (gather of 128 of the 4096 columns: {gathered:.1f} ms) | | | |")
+    from flashsae.kernels.reference import _stable_sort  # noqa: PLC2701
+
+    for n in (8192, 16384, 32768, 65536, 262144):
+        keys = torch.randint(0, 4097, (n,), generator=g, dtype=torch.int32)
+        plain, ours = _time_pair(lambda: torch.sort(keys, stable=True), lambda: _stable_sort(keys, 4096), args.repeat)
+        print(f"| stable sort of {n:,} latent ids: torch.sort / LatentSegments | {plain:.3f} ms | {ours:.3f} ms | "
+              f"{plain / ours:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,11 @@ def test_auxk_selection_among_candidates_matches_masked_topk(n_candidates):
     assert torch.equal(values.sort(-1).values, want.sort(-1).values)
     finite = torch.isfinite(values)
     assert bool(mask[idx[finite]].all()) and torch.equal(pre.gather(1, idx)[finite], values[finite])
+
+
+@pytest.mark.parametrize("n,top", [(1, 4), (9000, 512), (9000, 40000), (70000, 4096)])  # radix; torch.sort twice
+def test_the_latent_sort_is_torchs_stable_sort(n, top):
+    keys = torch.randint(0, top + 1, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int32)
+    got_keys, got_order = reference._stable_sort(keys, top)
+    want_keys, want_order = torch.sort(keys, stable=True)
+    assert got_order.dtype == torch.int64 and torch.equal(got_order, want_order) and torch.equal(got_keys, want_keys)
