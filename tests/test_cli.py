@@ -222,7 +222,7 @@ def test_info_on_an_imported_model_prints_only_what_is_known(tmp_path, capsys):
     assert out.splitlines() == [
         f"{run}: topk sparse autoencoder, imported by flashsae {__version__}",
         "  sizes        d_in 8, latents 32, 552 parameters",
-        "  options      --normalize-decoder, --k 4, --auxk-coef 0.03125",
+        "  options      --normalize-decoder, --k 4, --auxk-coef 0.03125, --auxk-budget 1",
         f"  imported     from SAELens (architecture topk), {src.resolve()}; trained on hook blocks.6.hook_resid_post",
         "  standardise  none (encodes raw rows, as the source library did)"]
 
