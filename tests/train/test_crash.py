@@ -41,10 +41,16 @@ def _finish(p: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted run: its weights and how long its training loop took."""
+    """An uninterrupted run: its weights, its start-up time (until the log appears) and its training time."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    _finish(_start(out))
-    return load_file(out / io.MODEL_FILE), io.read_json(out / io.METRICS_FILE)["train_seconds"]
+    since = time.monotonic()
+    p = _start(out)
+    log = io.partial_dir(out) / io.LOG_FILE
+    while p.poll() is None and not log.exists():
+        time.sleep(0.005)
+    startup = time.monotonic() - since
+    _finish(p)
+    return load_file(out / io.MODEL_FILE), startup, io.read_json(out / io.METRICS_FILE)["train_seconds"]
 
 
 def _assert_same_weights(out: Path, ref: dict) -> None:
@@ -80,7 +86,7 @@ def _wait_for_training(p: subprocess.Popen, out: Path, since: float) -> None:
 
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path, reference):
     """Kill 1 lands during start-up (no checkpoint yet: restart), kills 2 and 3 during training."""
-    ref, train_seconds = reference
+    ref, startup, train_seconds = reference
     rng = random.Random(20261125)
     out = tmp_path / "run"
     kills = []  # checkpoint step left behind by each kill (None: before the first one)
@@ -88,7 +94,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
         since = time.time()
         p = _start(out)
         if attempt == 0:
-            delay = rng.uniform(0.2, 1.0)
+            delay = rng.uniform(0.1, 0.8) * startup  # a fraction of start-up, however fast start-up is
         else:
             _wait_for_training(p, out, since)
             delay = rng.uniform(0.0, 0.8) * train_seconds
