@@ -55,3 +55,24 @@ def hand_built_run():
         return flashsae.load(path)
 
     return save
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """A function that, once called, makes every Python-level read of a tensor's value fail (`.item()`,
+    `bool(t)`, `.tolist()`, ...: a host sync on a GPU), until the test's monkeypatch is undone.
+    `.numpy()` of a CPU tensor stays allowed: it is a view, no sync (the CPU kernels sort small key
+    sets with NumPy)."""
+    import torch
+
+    def forbid(*a, **k):
+        raise AssertionError("host sync inside Trainer.step")
+
+    def start():
+        numpy = torch.Tensor.numpy
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, forbid)
+        monkeypatch.setattr(torch.Tensor, "numpy",
+                            lambda t, *a, **k: numpy(t, *a, **k) if t.device.type == "cpu" else forbid())
+
+    return start

@@ -229,3 +229,28 @@ def test_the_latent_sort_is_torchs_stable_sort(n, top):
     got_keys, got_order = reference._stable_sort(keys, top)
     want_keys, want_order = torch.sort(keys, stable=True)
     assert got_order.dtype == torch.int64 and torch.equal(got_order, want_order) and torch.equal(got_keys, want_keys)
+
+
+@pytest.mark.parametrize("inner_b_dec", [False, True])
+def test_inference_shortlisted_in_bf16_gives_the_float32_top_k(monkeypatch, inner_b_dec):
+    """Without a gradient, on a CPU with bf16 units, the top-k is shortlisted from a bf16 product and
+    finished in float32: the same latents and values as the float32 selection."""
+    from flashsae.kernels import selection
+
+    monkeypatch.setattr(selection, "_cpu_has_bf16", lambda: True)  # bf16 products run on any CPU, slower
+    torch.manual_seed(3)
+    x, W_enc, b_enc, b_dec = torch.randn(700, 48), torch.randn(600, 48) / 7, torch.randn(600) / 10, torch.randn(48)
+    args = dict(b_dec=b_dec) if inner_b_dec else {}
+    x_in = x if inner_b_dec else x - b_dec
+    with torch.no_grad():
+        assert reference._shortlist_applies(x_in, W_enc, b_enc, args.get("b_dec"), 12)
+        got_v, got_i, aux_v, _ = reference.topk_encode(x_in, W_enc, b_enc, 12, **args)
+        monkeypatch.setattr(reference, "SHORTLIST", False)
+        want_v, want_i, _, _ = reference.topk_encode(x_in, W_enc, b_enc, 12, **args)
+    assert aux_v.shape == (700, 0)
+    got_i, order = got_i.sort(-1)
+    want_i, want_order = want_i.sort(-1)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_v.gather(1, order), want_v.gather(1, want_order), rtol=1e-5, atol=1e-6)
+    # training (a gradient wanted) never takes it
+    assert not reference._shortlist_applies(x_in, W_enc.requires_grad_(), b_enc, None, 12)

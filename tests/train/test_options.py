@@ -100,9 +100,10 @@ def test_bad_options(bad, match, small_synthetic):
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_auto_dtype_is_bf16_only_for_topk_on_bf16_hardware(monkeypatch, has_bf16):
     from flashsae import models
+    from flashsae.kernels import selection
     from flashsae.train import optim
 
-    monkeypatch.setattr(optim, "_cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(selection, "_cpu_has_bf16", lambda: has_bf16)
     cpu = torch.device("cpu")
     topk = models.build("topk", d_in=8, d_sae=32, k=2)
     relu = models.build("relu-l1", d_in=8, d_sae=32)
@@ -116,8 +117,8 @@ def test_auto_dtype_is_bf16_only_for_topk_on_bf16_hardware(monkeypatch, has_bf16
 
 def test_the_resolved_dtype_is_recorded(tmp_path):
     from flashsae import io
+    from flashsae.kernels.selection import native_bf16
     from flashsae.train.api import train
-    from flashsae.train.optim import native_bf16
 
     _, result = train("digits", out=tmp_path / "run", rows=2048, k=4, quiet=True)
     cfg = io.read_json(result.run_dir / io.CONFIG_FILE)

@@ -50,3 +50,25 @@ def impl(device) -> str:
     on_cuda = getattr(device, "type", str(device)) == "cuda"
     runnable = on_cuda or (choice == "triton" and os.environ.get("TRITON_INTERPRET", "") == "1")
     return "triton" if runnable and triton_importable() else "reference"
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` has bf16 matrix units: AVX512-BF16 / AMX on a CPU, compute capability 8.0+ on CUDA."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and _cpu_has_bf16()
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False

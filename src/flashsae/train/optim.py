@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Iterator
 
 import torch
 
 from flashsae.config import TrainConfig
+from flashsae.kernels.selection import native_bf16
 
 TOPK_LR_16K = 8e-4
 """Adam's default rate at 16,384 latents for the models that cap the active latents (TopK, BatchTopK
@@ -78,24 +78,6 @@ def matmul_precision(tf32: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` has bf16 matrix units: AVX512-BF16 / AMX on a CPU, compute capability 8.0+ on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu" and _cpu_has_bf16()
-
-
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
