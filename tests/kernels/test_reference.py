@@ -68,15 +68,21 @@ def test_auxk_candidates_are_dead_latents_and_train_the_encoder():
     assert W_enc.grad[:30].abs().sum() == 0
 
 
+# every: 4 dead latents and one that fired since among 5 candidates, k_aux 5 takes them all (a dense block)
+@pytest.mark.parametrize("every", [False, True])
 # one block of rows; three, the AuxK rows ending in the second
 @pytest.mark.parametrize("batch,rows", [(40, 17), (1100, 700)])
-def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows):
+def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows, every):
     """DeadLatents.rows: AuxK codes for the batch's first rows only, and gradients as dense autograd gives."""
     from flashsae.kernels import auxk
 
     monkeypatch.setattr(reference, "_BLOCK_BYTES", 1)  # blocks of 512 rows
     torch.manual_seed(rows)
     d, n, k, k_aux = 12, 60, 3, 5
+    built = []
+    original = reference.LatentSegments.__init__
+    monkeypatch.setattr(reference.LatentSegments, "__init__",
+                        lambda self, *a, **kw: built.append(1) or original(self, *a, **kw))
     x = torch.randn(batch, d, dtype=torch.float64)
     params = [torch.randn(n, d, dtype=torch.float64, requires_grad=True),  # W_enc
               torch.randn(n, dtype=torch.float64, requires_grad=True),     # b_enc
@@ -84,12 +90,14 @@ def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows):
               torch.randn(n, d, dtype=torch.float64, requires_grad=True)]  # W_dec
     W_enc, b_enc, b_dec, W_dec = params
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n)[:20]] = True
-    dead = auxk.DeadLatents(mask, torch.arange(n), rows)
+    ids = torch.randperm(n)
+    mask[ids[:4 if every else 20]] = True
+    dead = auxk.DeadLatents(mask, ids[:5] if every else torch.arange(n), rows)
     values, idx, aux_values, aux_idx = reference.topk_encode(x, W_enc, b_enc, k, aux_mask=dead, k_aux=k_aux,
                                                              b_dec=b_dec)
     assert values.shape == (batch, k) and aux_values.shape == aux_idx.shape == (rows, k_aux)
-    assert bool(mask[aux_idx].all())
+    assert auxk.same_ids(aux_idx) == every
+    assert bool(mask[aux_idx].all()) if not every else bool(((aux_values == 0) | mask[aux_idx]).all())
     r = torch.randn(batch, d, dtype=torch.float64)
     loss = ((reference.sparse_decode(values, idx, W_dec) + b_dec - x).pow(2).sum()
             + (reference.sparse_decode(aux_values, aux_idx, W_dec) - r[:rows]).pow(2).sum())
@@ -105,6 +113,36 @@ def test_auxk_on_the_first_rows_matches_dense(monkeypatch, batch, rows):
     torch.testing.assert_close(loss, want_loss)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+    # every backward groups its codes by latent (no shared dict here), except a dense block's
+    assert len(built) == (2 if every else 4)
+
+
+def test_a_dense_block_of_codes_decodes_as_the_gather_sum():
+    """Codes holding the same latents in every row: one matrix product, the gather-sum's value and
+    gradients (zero-value slots get none), under bf16 autocast too."""
+    from flashsae.kernels import auxk
+
+    torch.manual_seed(6)
+    ids = torch.tensor([7, 2, 11])
+    values = torch.rand(9, 3)
+    values[:, 1] = 0  # a candidate that fired since the list was made
+    W = torch.randn(12, 5, requires_grad=True)
+    block = ids.expand(9, -1)
+    assert auxk.same_ids(block) and not auxk.same_ids(block.contiguous())
+    g = torch.randn(9, 5)
+    for autocast in (False, True):
+        results = []
+        for idx in (block, block.contiguous()):  # the block; the same codes through the gather-sum
+            v = values.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = reference.sparse_decode(v, idx, W)
+            assert out.dtype == torch.float32
+            out.backward(g)
+            results.append((out.detach(), v.grad, W.grad.clone()))
+            W.grad = None
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want)
+        assert bool((results[0][1][:, 1] == 0).all())
 
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):

@@ -83,17 +83,35 @@ def select(pre: Tensor, dead: DeadLatents, k_aux: int, topk: Callable[[Tensor, i
     `pre` holds the rows AuxK runs on (the caller slices off the rest, `DeadLatents.n_rows`). `k_aux`
     must not exceed the candidates' count. Values are those of `pre` (not clipped at 0); a slot left
     without a dead latent (more candidates fired since the list was made than k_aux leaves over)
-    holds -inf. `topk(scores, k)` is the row-wise selection to use; `in_place` lets the function
-    overwrite `pre`. Differentiable in `pre` unless `in_place`.
+    holds -inf. When k_aux takes every candidate the ids are `candidates` in every row, returned as a
+    stride-0 view (see `same_ids`). `topk(scores, k)` is the row-wise selection to use; `in_place`
+    lets the function overwrite `pre`. Differentiable in `pre` unless `in_place`.
     """
     rows, d_sae = pre.shape
     candidates = dead.candidates
     # 0 for dead latents, -inf for live ones: added, not masked (see GATHER_FRACTION)
     penalty = torch.zeros(d_sae, dtype=pre.dtype, device=pre.device).masked_fill_(~dead.mask, float("-inf"))
+    if k_aux == candidates.shape[0]:  # every candidate is taken: nothing to select, the same ids in every row
+        return pre.index_select(1, candidates) + penalty[candidates], candidates.expand(rows, -1)
     if candidates.shape[0] * GATHER_FRACTION > d_sae:
         return topk(pre.add_(penalty) if in_place else pre + penalty, k_aux)
     scores = pre.gather(1, candidates.expand(rows, -1)) + penalty[candidates]
-    if k_aux == candidates.shape[0]:  # every candidate is taken: nothing to select
-        return scores, candidates.expand(rows, -1).contiguous()  # its own storage: the backward keys on it
     values, pos = topk(scores, k_aux)
     return values, candidates[pos]
+
+
+def same_ids(indices: Tensor) -> bool:
+    """Whether a (rows, slots) index matrix is `select`'s every-candidate result: one row of ids seen
+    by every row (a stride-0 view). Such codes are a dense block over those latents, decoded and
+    differentiated by matrix products (`block_grads`, `reference.block_decode`) instead of by pairs."""
+    return indices.dim() == 2 and indices.shape[0] > 0 and indices.shape[1] > 0 and indices.stride(0) == 0
+
+
+def block_grads(g: Tensor, ids: Tensor, x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The encoder gradients of codes holding latents `ids` in every row (`same_ids`), from g, their
+    (rows, len(ids)) gradient, zero where ReLU clipped: (dx_c of those rows (rows, d_in), dW_enc of the
+    rows `ids` (len(ids), d_in), db_enc of `ids`), in float32 or wider, each one matrix product."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    with torch.autocast(g.device.type, enabled=False):
+        g = g.to(acc)
+        return g @ W_enc.index_select(0, ids).to(acc), g.t() @ x_c[:g.shape[0]].to(acc), g.sum(0)

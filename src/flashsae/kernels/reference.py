@@ -206,8 +206,12 @@ class _TopKEncode(torch.autograd.Function):
             cpu_topk.topk(pre, k, out=(top[start:stop], idx[start:stop]))  # torch.topk off the CPU
             if k_aux and start < aux_rows:  # after the top-k: pre is free to overwrite
                 a_stop = min(stop, aux_rows)
-                atop[start:a_stop], aidx[start:a_stop] = auxk.select(pre[:a_stop - start], dead, k_aux, cpu_topk.topk,
-                                                                     in_place=True)
+                a_top, a_idx = auxk.select(pre[:a_stop - start], dead, k_aux, cpu_topk.topk, in_place=True)
+                atop[start:a_stop] = a_top
+                if auxk.same_ids(a_idx):  # every candidate taken: the same ids in every row, kept as a view
+                    aidx = dead.candidates.expand(aux_rows, -1)
+                else:
+                    aidx[start:a_stop] = a_idx
         values = top.clamp_min(0)
         aux_values = atop.clamp_min(0)
         ctx.save_for_backward(x_c, W_enc, idx, values, aidx, aux_values)
@@ -220,11 +224,16 @@ class _TopKEncode(torch.autograd.Function):
         codes = [(idx, values, torch.where(values > 0, g_values, 0))]
         if aidx.shape[1] > 0 and g_aux is not None:
             codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
+        # AuxK codes holding every candidate in every row are a dense block: matrix products
+        block = auxk.block_grads(codes.pop()[2], aidx[0], x_c, W_enc) if auxk.same_ids(aidx) and len(codes) > 1 \
+            else None
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _gather_sum(codes[0][2], idx, W_enc)
             for i, _, g in codes[1:]:  # the AuxK rows: the first ones
                 grad_x[:i.shape[0]] += _gather_sum(g, i, W_enc)
+            if block is not None:
+                grad_x[:block[0].shape[0]] += block[0]
             grad_x = grad_x.to(x_c.dtype)
         if any(ctx.needs_input_grad[1:4]):
             W_parts, sum_parts = [], []
@@ -238,9 +247,13 @@ class _TopKEncode(torch.autograd.Function):
                 grad_W = W_parts[0]
                 for part in W_parts[1:]:
                     grad_W += part
+                if block is not None:
+                    grad_W.index_add_(0, aidx[0], block[1])
                 grad_W = grad_W.to(W_enc.dtype)
             if sum_parts:
                 g_sum = sum(sum_parts)  # (d_sae,): the b_enc gradient
+                if block is not None:
+                    g_sum.index_add_(0, aidx[0], block[2].to(g_sum.dtype))
                 grad_b = g_sum.to(W_enc.dtype) if ctx.needs_input_grad[3] else None
                 if ctx.needs_input_grad[1]:  # sum over rows of -dx_c: one product, no (batch, d_in) gradient
                     acc = _acc_dtype(g_sum)
@@ -350,11 +363,47 @@ def _shortlisted_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tupl
     return values, idx, empty, idx.new_zeros((n_rows, 0))
 
 
+class _BlockDecode(torch.autograd.Function):
+    """x_hat = values @ W_dec[ids]: the decode of codes holding latents `ids` in every row
+    (`auxk.same_ids`), one matrix product instead of a gather-sum; zero values get zero gradient."""
+
+    @staticmethod
+    def forward(ctx, values, ids, W_dec):
+        acc = _acc_dtype(values)
+        with torch.autocast(values.device.type, enabled=False):
+            W = W_dec.index_select(0, ids).to(acc)
+            ctx.save_for_backward(values, ids, W)
+            ctx.d_sae, ctx.W_dtype = W_dec.shape[0], W_dec.dtype
+            return values.to(acc) @ W
+
+    @staticmethod
+    def backward(ctx, g):
+        values, ids, W = ctx.saved_tensors
+        grad_values = grad_W = None
+        with torch.autocast(g.device.type, enabled=False):
+            g = g.to(W.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_values = torch.where(values != 0, g @ W.t(), 0).to(values.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_W = W.new_zeros((ctx.d_sae, W.shape[1])).index_copy_(0, ids, values.to(W.dtype).t() @ g)
+                grad_W = grad_W.to(ctx.W_dtype)
+        return grad_values, None, grad_W
+
+
+def block_decode(values: Tensor, ids: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j values[:, j] * W_dec[ids[j]] for codes with the same (distinct) latent ids in every row:
+    (batch, d_in) in float32 or wider, differentiable in values and W_dec."""
+    return _BlockDecode.apply(values, ids, W_dec)
+
+
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dict | None = None) -> Tensor:
     """sum_j values[:, j] * W_dec[indices[:, j]], shape (batch, d_in), differentiable in values and W_dec.
 
     Slots whose value is 0 are skipped: not read, and their value's gradient is 0 (codes are ReLU
-    outputs, whose gradient is zero there). `shared`: the dict given to `topk_encode` for these codes."""
+    outputs, whose gradient is zero there). `shared`: the dict given to `topk_encode` for these codes.
+    Codes with the same latents in every row (`auxk.same_ids`) take one matrix product, `block_decode`."""
     if values.shape[1] == 0:
         return values.new_zeros((values.shape[0], W_dec.shape[1]))
+    if auxk.same_ids(indices):
+        return block_decode(values, indices[0], W_dec)
     return _SparseDecode.apply(values, indices, W_dec, shared)

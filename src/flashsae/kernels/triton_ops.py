@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flashsae.kernels import auxk
+from flashsae.kernels import auxk, reference
 from flashsae.kernels.auxk import DeadLatents
 
 GROUP = 64
@@ -302,6 +302,8 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, *, shared: dic
     zero values skipped (see `reference.sparse_decode`)."""
     if values.shape[1] == 0:
         return values.new_zeros((values.shape[0], W_dec.shape[1]))
+    if auxk.same_ids(indices):  # the same latents in every row: one matrix product
+        return reference.block_decode(values, indices[0], W_dec)
     return _SparseDecode.apply(values, indices, W_dec, shared)
 
 
@@ -337,12 +339,17 @@ class _TopKEncode(torch.autograd.Function):
         if aidx.shape[1] > 0 and g_aux is not None:
             codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
         x_c, W_enc = x_c.contiguous(), W_enc.contiguous()
+        # AuxK codes holding every candidate in every row are a dense block: matrix products
+        block = auxk.block_grads(codes.pop()[2], aidx[0], x_c, W_enc) if auxk.same_ids(aidx) and len(codes) > 1 \
+            else None
         n_latents = W_enc.shape[0]
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _gather_sum(codes[0][2].contiguous(), idx.contiguous(), W_enc, torch.float32)
             for i, _, g in codes[1:]:  # the AuxK rows: the first ones
                 grad_x[:i.shape[0]] += _gather_sum(g.contiguous(), i.contiguous(), W_enc, torch.float32)
+            if block is not None:
+                grad_x[:block[0].shape[0]] += block[0]
             grad_x = grad_x.to(x_c.dtype)
         need_W, need_sum = ctx.needs_input_grad[2], ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         if need_W or need_sum:
@@ -352,6 +359,11 @@ class _TopKEncode(torch.autograd.Function):
                 i, v, g = i.contiguous(), v.contiguous(), g.contiguous()
                 pairs, offsets = _shared_pairs(ctx.shared, i, v) or _pairs_by_latent(i, v, n_latents)
                 _segment_sum(pairs, offsets, g, x_c, n_latents, rows_out=grad_W, sums_out=g_sum, accumulate=n > 0)
+            if block is not None:
+                if need_W:
+                    grad_W.index_add_(0, aidx[0], block[1].to(grad_W.dtype))
+                if need_sum:
+                    g_sum.index_add_(0, aidx[0], block[2])
             if need_sum:
                 grad_b = g_sum.to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
                 if ctx.needs_input_grad[1]:  # sum over rows of -dx_c: one product, no (batch, d_in) gradient
