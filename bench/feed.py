@@ -87,7 +87,8 @@ def measure(args) -> dict:
         assert n == n_batches * bs
 
     times: dict[str, list[float]] = {"copy": [], "gather": [], "feed": []}
-    feed()  # warm-up: first touch of the rows and of the buffers
+    for fn in (copy, gather, feed):  # warm-up: first touch of the rows and of every buffer
+        fn()
     for _ in range(args.repeat):
         for name, fn in (("copy", copy), ("gather", gather), ("feed", feed)):
             times[name].append(_time(fn))
