@@ -81,12 +81,14 @@ def make_dead(tr, dead, *, refresh: bool = True) -> None:
 
 @contextlib.contextmanager
 def counted_reads(counts: dict):
-    """Count the Python-level reads of tensor values (each one a host sync on CUDA)."""
+    """Count the Python-level reads of tensor values (each one a host sync on CUDA). `.numpy()` of a CPU
+    tensor is not counted: a view, no sync (the CPU kernels sort small key sets with NumPy)."""
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
     def counting(name):
         def read(self, *a, **k):
-            counts[name] = counts.get(name, 0) + 1
+            if not (name == "numpy" and self.device.type == "cpu"):
+                counts[name] = counts.get(name, 0) + 1
             return originals[name](self, *a, **k)
         return read
 
