@@ -96,6 +96,37 @@ def test_sparse_decode_bf16_values_accumulate_in_fp32():
     assert close(W_dec.grad, w.grad)  # fp32 output: the bf16 inputs were summed in fp32
 
 
+def test_bf16_codes_with_many_pairs_read_a_bf16_copy_of_the_decoder_made_once(monkeypatch):
+    """More (row, latent) pairs than BF16_ROWS_AFTER x latents: the gathers read one bf16 copy of W_dec
+    per forward (shared by every decode given the same dict); W_dec's gradient stays float32 and exact."""
+    torch.manual_seed(3)
+    n_tok, k, n, d = 24, 6, 40, 33  # 144 pairs > 2 x 40 latents
+    values = leaf(n_tok, k, dtype=torch.bfloat16)
+    W_dec = leaf(n, d)
+    indices = torch.stack([torch.randperm(n, device=DEVICE)[:k] for _ in range(n_tok)])
+    read = []
+    gather = triton_ops._gather_sum
+    monkeypatch.setattr(triton_ops, "_gather_sum",
+                        lambda w, i, rows, dt: read.append(rows.dtype) or gather(w, i, rows, dt))
+    shared = {}
+    out = triton_ops.sparse_decode(values, indices, W_dec, shared=shared)
+    again = triton_ops.sparse_decode(values, indices, W_dec, shared=shared)  # e.g. the AuxK codes
+    assert read == [torch.bfloat16, torch.bfloat16] and len(shared["bf16_rows"]) == 1
+    exact = reference.sparse_decode(values.detach().double(), indices, W_dec.detach().double())
+    assert close(out, exact, rtol=1.5e-2)  # one bf16 rounding of W_dec, one of the output
+    g = torch.randn_like(out)
+    (out.float() * g).sum().backward()
+    v, w = values.detach().double().requires_grad_(), W_dec.detach().double().requires_grad_()
+    (reference.sparse_decode(v, indices, w) * g.double()).sum().backward()
+    assert W_dec.grad.dtype == torch.float32 and close(W_dec.grad, w.grad)  # from values and g only
+    assert close(values.grad, v.grad, rtol=1.5e-2)
+    del again
+    read.clear()
+    triton_ops.sparse_decode(values[:4], indices[:4], W_dec)  # 24 pairs: W_dec itself
+    triton_ops.sparse_decode(values.detach().float(), indices, W_dec)  # float32 codes: W_dec itself
+    assert read == [torch.float32, torch.float32]
+
+
 def test_weight_gradient_is_deterministic():
     """The segment-sum owns each latent row in one program: no atomics, same bits every run."""
     torch.manual_seed(2)

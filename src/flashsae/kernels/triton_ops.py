@@ -19,6 +19,9 @@ Slots whose code value is 0 (ReLU-clipped, or AuxK slots left without a dead lat
 all three sparse kernels: their rows are not loaded, and the pair sort puts them after every latent,
 so no segment walks them (ties among such slots once sent thousands of pairs to one latent).
 
+bf16 codes with many more (row, latent) pairs than latents gather from a bf16 working copy of W_dec,
+made once per forward (`BF16_ROWS_AFTER`); W_dec's gradient is still summed and stored in float32.
+
 Kernels launch under the device of their tensors (`torch.cuda.device`), so a model on cuda:1 works
 whatever the current device. Indices must lie in [0, d_sae) (not checked: checking costs a host
 sync). Block sizes are fixed heuristics that have not been tuned on a GPU yet; `python -m
@@ -270,30 +273,53 @@ def select_topk(scores: Tensor, k: int, *, group: int | None = None,
     return values, indices.clamp_max_(n - 1)  # a padding slot can win only with value -inf
 
 
+BF16_ROWS_AFTER = 2
+"""bf16 codes read a bf16 copy of W_dec when their (row, latent) pairs exceed this many times W_dec's
+rows. The copy costs one pass over W_dec (4 bytes read and 2 written per weight); the forward gather
+and the backward gather-dot each read 2 bytes fewer per weight of each pair's row, so it pays for
+itself once the pairs outnumber 1.5x the latents. Not yet measured on a GPU."""
+
+
+def _rows_read(values: Tensor, indices: Tensor, W_dec: Tensor, shared: dict | None) -> Tensor:
+    """The decoder rows the gathers read: W_dec, or for bf16 codes with many pairs its bf16 working copy,
+    made once per forward for every decode in it (`shared`, the dict of one forward pass, in which the
+    weights do not change)."""
+    if values.dtype != torch.bfloat16 or W_dec.dtype != torch.float32 \
+            or indices.numel() <= BF16_ROWS_AFTER * W_dec.shape[0]:
+        return W_dec
+    key = W_dec.data_ptr()
+    copies = shared.setdefault("bf16_rows", {}) if shared is not None else {}
+    if key not in copies:
+        copies[key] = W_dec.detach().to(torch.bfloat16)
+    return copies[key]
+
+
 class _SparseDecode(torch.autograd.Function):
-    """Gather-sum forward; backward: gather-dot to the values, segment-sum to W_dec. Zero values skipped."""
+    """Gather-sum forward; backward: gather-dot to the values, segment-sum to W_dec. Zero values skipped.
+    bf16 codes gather from a bf16 working copy of W_dec when that moves fewer bytes (`_rows_read`)."""
 
     @staticmethod
     def forward(ctx, values, indices, W_dec, shared):
         values, indices, W_dec = values.contiguous(), indices.contiguous(), W_dec.contiguous()
-        ctx.save_for_backward(values, indices, W_dec)
-        ctx.shared = shared
-        return _gather_sum(values, indices, W_dec, values.dtype)
+        rows = _rows_read(values, indices, W_dec, shared)
+        ctx.save_for_backward(values, indices, rows)
+        ctx.shared, ctx.W_shape, ctx.W_dtype = shared, W_dec.shape, W_dec.dtype
+        return _gather_sum(values, indices, rows, values.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        values, indices, W_dec = ctx.saved_tensors
+        values, indices, rows = ctx.saved_tensors
         g = g.contiguous()
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = _gather_dot(g, indices, values, W_dec, values.dtype)
+            grad_values = _gather_dot(g, indices, values, rows, values.dtype)
         if ctx.needs_input_grad[2]:
-            pairs, offsets = _pairs_by_latent(indices, values, W_dec.shape[0])
+            pairs, offsets = _pairs_by_latent(indices, values, ctx.W_shape[0])
             if ctx.shared is not None:  # the encoder's backward, next, selected the same latents: sort once
                 ctx.shared.setdefault("pairs", {})[(indices.data_ptr(), values.data_ptr(), tuple(indices.shape))] = \
                     (pairs, offsets)
-            grad_W = torch.empty_like(W_dec)
-            _segment_sum(pairs, offsets, values, g, W_dec.shape[0], rows_out=grad_W, sums_out=None)
+            grad_W = torch.empty(ctx.W_shape, dtype=ctx.W_dtype, device=g.device)
+            _segment_sum(pairs, offsets, values, g, ctx.W_shape[0], rows_out=grad_W, sums_out=None)
         return grad_values, None, grad_W, None
 
 
