@@ -107,11 +107,14 @@ def same_ids(indices: Tensor) -> bool:
     return indices.dim() == 2 and indices.shape[0] > 0 and indices.shape[1] > 0 and indices.stride(0) == 0
 
 
-def block_grads(g: Tensor, ids: Tensor, x_c: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def block_grads(g: Tensor, ids: Tensor, x_c: Tensor, W_enc: Tensor, *,
+                need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """The encoder gradients of codes holding latents `ids` in every row (`same_ids`), from g, their
-    (rows, len(ids)) gradient, zero where ReLU clipped: (dx_c of those rows (rows, d_in), dW_enc of the
-    rows `ids` (len(ids), d_in), db_enc of `ids`), in float32 or wider, each one matrix product."""
+    (rows, len(ids)) gradient, zero where ReLU clipped: (dx_c of those rows (rows, d_in), or None unless
+    `need_x`; dW_enc of the rows `ids` (len(ids), d_in); db_enc of `ids`), in float32 or wider, each one
+    matrix product."""
     acc = torch.promote_types(g.dtype, torch.float32)
     with torch.autocast(g.device.type, enabled=False):
         g = g.to(acc)
-        return g @ W_enc.index_select(0, ids).to(acc), g.t() @ x_c[:g.shape[0]].to(acc), g.sum(0)
+        dx = g @ W_enc.index_select(0, ids).to(acc) if need_x else None
+        return dx, g.t() @ x_c[:g.shape[0]].to(acc), g.sum(0)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from flashsae.kernels import auxk, cpu_topk
 from flashsae.kernels.auxk import DeadLatents
+from flashsae.kernels.selection import native_bf16
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -222,11 +223,13 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, g_values, _g_idx, g_aux, _g_aidx):
         x_c, W_enc, idx, values, aidx, aux_values = ctx.saved_tensors
         codes = [(idx, values, torch.where(values > 0, g_values, 0))]
+        block = None  # AuxK codes holding every candidate in every row: a dense block, matrix products
         if aidx.shape[1] > 0 and g_aux is not None:
-            codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
-        # AuxK codes holding every candidate in every row are a dense block: matrix products
-        block = auxk.block_grads(codes.pop()[2], aidx[0], x_c, W_enc) if auxk.same_ids(aidx) and len(codes) > 1 \
-            else None
+            g_a = torch.where(aux_values > 0, g_aux, 0)
+            if auxk.same_ids(aidx):
+                block = auxk.block_grads(g_a, aidx[0], x_c, W_enc, need_x=ctx.needs_input_grad[0])
+            else:
+                codes.append((aidx, aux_values, g_a))
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _gather_sum(codes[0][2], idx, W_enc)
@@ -325,8 +328,6 @@ SHORTLIST = True
 def _shortlist_applies(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, k: int) -> bool:
     """Float32 inference (no gradient, no autocast) on a CPU with bf16 matrix units, and a shortlist of
     2k latents shorter than the dictionary."""
-    from flashsae.kernels.selection import native_bf16
-
     tensors = (x_c, W_enc, b_enc) if b_dec is None else (x_c, W_enc, b_enc, b_dec)
     return (SHORTLIST and x_c.device.type == "cpu" and 2 * k < W_enc.shape[0]
             and all(t.dtype == torch.float32 for t in tensors)

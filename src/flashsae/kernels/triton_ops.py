@@ -362,12 +362,14 @@ class _TopKEncode(torch.autograd.Function):
         # AuxK pairs join the same backward so the auxiliary loss trains the encoder (as OpenAI's
         # train.py does; sparsify's fused encoder drops it).
         codes = [(idx, values, torch.where(values > 0, g_values, 0))]  # ReLU
-        if aidx.shape[1] > 0 and g_aux is not None:
-            codes.append((aidx, aux_values, torch.where(aux_values > 0, g_aux, 0)))
         x_c, W_enc = x_c.contiguous(), W_enc.contiguous()
-        # AuxK codes holding every candidate in every row are a dense block: matrix products
-        block = auxk.block_grads(codes.pop()[2], aidx[0], x_c, W_enc) if auxk.same_ids(aidx) and len(codes) > 1 \
-            else None
+        block = None  # AuxK codes holding every candidate in every row: a dense block, matrix products
+        if aidx.shape[1] > 0 and g_aux is not None:
+            g_a = torch.where(aux_values > 0, g_aux, 0)
+            if auxk.same_ids(aidx):
+                block = auxk.block_grads(g_a, aidx[0], x_c, W_enc, need_x=ctx.needs_input_grad[0])
+            else:
+                codes.append((aidx, aux_values, g_a))
         n_latents = W_enc.shape[0]
         grad_x = grad_b_dec = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
